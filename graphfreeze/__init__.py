@@ -1,0 +1,33 @@
+"""graphfreeze: train only part of a TensorFlow 2 model, by rewriting its traced graph.
+
+>>> import graphfreeze as gf
+>>> @gf.freeze("hidden1/*", "hidden2/*")          # doctest: +SKIP
+... def train_step(x, y): ...
+
+See README.md for the rules, the semantics (S1-S6) and the inspection tools.
+"""
+
+from __future__ import annotations
+
+try:
+    import tensorflow as _tf  # noqa: F401
+except ImportError as _e:  # pragma: no cover - exercised only without TensorFlow
+    raise ImportError(
+        "graphfreeze needs TensorFlow 2, which is an optional extra so you can choose the "
+        "build: pip install 'graphfreeze[cpu]' (tensorflow-cpu) or 'graphfreeze[gpu]' "
+        "(tensorflow[and-cuda])."
+    ) from _e
+
+from .api import FrozenFunction, freeze, rewrite
+from .errors import CaptureError, FreezeError, RuleError, UnsupportedGraphError
+from .report import Report
+from .rewritten import Rewritten
+from .rules import Columns, Freeze, Mask, Rows, Rule, Unfreeze
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "freeze", "rewrite", "FrozenFunction", "Rewritten", "Report",
+    "Rule", "Freeze", "Rows", "Columns", "Mask", "Unfreeze",
+    "FreezeError", "RuleError", "CaptureError", "UnsupportedGraphError",
+]

@@ -1,0 +1,133 @@
+"""The two ways in: `gf.rewrite` (programmatic) and `gf.freeze` (decorator)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from .capture import trace
+from .emit import emit
+from .ir import IR
+from .passes import run_pipeline
+from .passes.dependence import optimizer_state
+from .plan import Plan
+from .rewritten import Rewritten
+from .errors import RuleError
+from .rules import Rule, RuleLike, as_rule, resolve
+from .variables import module_variables
+
+
+def _normalize(rules: RuleLike | Sequence[RuleLike]) -> list[Rule]:
+    if isinstance(rules, (list, tuple)):
+        return [as_rule(r) for r in rules]
+    return [as_rule(rules)]
+
+
+def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: Any,
+            **example_kwargs: Any) -> Rewritten:
+    """Trace `fn` with the example arguments and rewrite it so `rules` hold.
+
+    A function that takes gradients is rewritten as a training step; one that takes none
+    as a forward function. Raises `FreezeError` (and changes nothing) on any problem.
+
+    >>> rw = gf.rewrite(train_step, ["hidden1/*", gf.Rows("emb/embeddings", ids)], x, y)  # doctest: +SKIP
+    >>> rw(x, y)                                                                          # doctest: +SKIP
+    """
+    rule_list = _normalize(rules)
+    capture = trace(fn, example_args, example_kwargs,
+                    extra_objects=[getattr(r, "target", None) for r in rule_list])
+    ir = IR.from_graph_def(capture.graph_def, capture.meta)
+    if capture.training:
+        for p in optimizer_state(ir, capture.markers, capture.variable_by_placeholder):
+            capture.variable_by_placeholder[p].optimizer_state = True
+    plan = Plan(capture, resolve(rule_list, capture.variables))
+    rewritten = run_pipeline(ir, plan)
+    return Rewritten(capture, plan, ir, rewritten, emit(rewritten, capture))
+
+
+def _leaf_key(leaf: Any) -> Any:
+    if isinstance(leaf, (tf.Tensor, np.ndarray)):
+        return ("tensor", str(leaf.dtype), tuple(leaf.shape))
+    if isinstance(leaf, tf.Variable):
+        return ("variable", id(leaf))
+    try:
+        hash(leaf)
+        return ("value", type(leaf).__name__, leaf)
+    except TypeError:
+        return ("object", id(leaf))
+
+
+def signature_key(args: tuple, kwargs: dict) -> Any:
+    """A hashable key: structure, tensor dtypes and shapes, and Python values."""
+    structure = tf.nest.map_structure(lambda _: 0, (args, kwargs), expand_composites=True)
+    leaves = tf.nest.flatten((args, kwargs), expand_composites=True)
+    return repr(structure), tuple(_leaf_key(leaf) for leaf in leaves)
+
+
+class FrozenFunction:
+    """A training step with freeze rules; rewrites once per input signature.
+
+    >>> @gf.freeze("hidden1/*", "hidden2/*")                   # doctest: +SKIP
+    ... def train_step(x, y): ...
+    >>> train_step(x, y); train_step.rewritten(x, y).report()  # doctest: +SKIP
+    """
+
+    def __init__(self, fn: Callable, rules: Sequence[RuleLike]):
+        self.python_function = fn
+        self.rules = _normalize(list(rules))
+        self._cache: dict[Any, Rewritten] = {}
+        self._lock = threading.Lock()
+        self._bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        functools.update_wrapper(self, fn)
+
+    def rewritten(self, *args: Any, **kwargs: Any) -> Rewritten:
+        """The `Rewritten` used for these arguments (tracing and rewriting on first use)."""
+        key = signature_key(args, kwargs)
+        rw = self._cache.get(key)
+        if rw is None:
+            with self._lock:
+                rw = self._cache.get(key)
+                if rw is None:
+                    rw = self._cache[key] = rewrite(self.python_function, self.rules, *args, **kwargs)
+        return rw
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.rewritten(*args, **kwargs)(*args, **kwargs)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        bound = self._bound.get(instance)
+        if bound is None:
+            bound = FrozenFunction(self.python_function.__get__(instance, owner), self.rules)
+            self._bound[instance] = bound
+        return bound
+
+    @property
+    def cache_size(self) -> int:
+        return len(self._cache)
+
+
+def freeze(*rules: RuleLike) -> Callable[[Callable], FrozenFunction]:
+    """Decorator: the step runs with `rules` frozen. Rules are checked here and at first call.
+
+    >>> @gf.freeze("hidden1/*", gf.Columns("out/kernel", [0]))   # doctest: +SKIP
+    ... @tf.function
+    ... def train_step(x, y): ...
+    """
+    if len(rules) == 1 and callable(rules[0]) and not isinstance(rules[0], (Rule, str)) and \
+            module_variables(rules[0]) is None:
+        raise RuleError("gf.freeze takes rules and returns a decorator: write "
+                        "@gf.freeze('hidden1/*') above the step, not a bare @gf.freeze.")
+    checked = _normalize(list(rules))
+
+    def decorate(fn: Callable) -> FrozenFunction:
+        return FrozenFunction(fn, checked)
+
+    return decorate

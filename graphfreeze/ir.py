@@ -1,0 +1,332 @@
+"""The intermediate representation: a traced graph as a networkx MultiDiGraph.
+
+Granularity is the tensor: a data edge ``u -> v`` carries ``src_output`` (which output of
+``u``) and ``dst_input`` (which input of ``v``) and is keyed by ``dst_input``; a control
+edge carries ``control=True`` and is keyed ``"ctrl"``. Node attributes:
+
+  op        op type (str)
+  nodedef   the NodeDef as traced (its ``input`` list is ignored; edges are the truth)
+  order     float position; original nodes keep their trace order, inserted nodes sit
+            just after their inputs, so sorting by it is a topological order that
+            preserves program order (auto control dependencies rely on that at emit)
+  dtypes    DataType enum per output;  shapes: per output a tuple (None = unknown dim)
+            or None (unknown rank)
+  inserted  name of the pass that created the node, or absent
+
+The function library rides along on ``ir.library``. Passes are plain functions that
+mutate an IR through the small editing API below (``add_node``, ``replace_uses``,
+``remove_nodes``), in the spirit of torch.fx's Graph.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
+
+Tensor = tuple[str, int]
+CTRL = "ctrl"
+_NO_ORDERING = frozenset({"Placeholder", "Const"})
+_DT_RESOURCE = tf.resource.as_datatype_enum
+
+
+def parse_input(text: str) -> tuple[str, int, bool]:
+    """'name', 'name:3' or '^name' -> (node, output, is_control)."""
+    if text.startswith("^"):
+        return text[1:], -1, True
+    name, sep, idx = text.rpartition(":")
+    if sep and idx.isdigit():
+        return name, int(idx), False
+    return text, 0, False
+
+
+def tensor_name(t: Tensor) -> str:
+    return f"{t[0]}:{t[1]}"
+
+
+class IR:
+    """A function graph plus its library; see the module docstring for the encoding."""
+
+    def __init__(self, graph: nx.MultiDiGraph, library: Any, versions: Any):
+        self.graph = graph
+        self.library = library
+        self.versions = versions
+        self._uid = itertools.count()
+
+    # ------------------------------------------------------------------ conversion
+
+    @classmethod
+    def from_graph_def(cls, graph_def: Any, meta: dict[str, tuple[list, list]] | None = None) -> IR:
+        """Build from a GraphDef; `meta` maps node name -> (output dtypes, output shapes)."""
+        meta = meta or {}
+        g = nx.MultiDiGraph()
+        nodes, edges = [], []
+        for i, nd in enumerate(graph_def.node):
+            dtypes, shapes = meta.get(nd.name, ((), ()))
+            nodes.append((nd.name, {"op": nd.op, "nodedef": nd, "order": float(i),
+                                    "dtypes": list(dtypes), "shapes": list(shapes)}))
+            k = 0
+            for text in nd.input:
+                src, out, control = parse_input(text)
+                if control:
+                    edges.append((src, nd.name, CTRL, {"control": True}))
+                else:
+                    edges.append((src, nd.name, k, {"src_output": out, "dst_input": k,
+                                                    "control": False}))
+                    k += 1
+        g.add_nodes_from(nodes)
+        g.add_edges_from(edges)
+        lib = graph_pb2.GraphDef().library
+        lib.CopyFrom(graph_def.library)
+        return cls(g, lib, graph_def.versions)
+
+    def to_graph_def(self) -> Any:
+        """A GraphDef in topological, program-preserving order."""
+        out = graph_pb2.GraphDef()
+        out.versions.CopyFrom(self.versions)
+        out.library.CopyFrom(self.library)
+        present = self.graph
+        for name in self.topological_order():
+            nd = out.node.add()
+            nd.CopyFrom(present.nodes[name]["nodedef"])
+            del nd.input[:]
+            nd.input.extend(self._input_strings(name))
+            if "_class" in nd.attr:
+                _drop_missing_colocations(nd, present)
+        return out
+
+    def _input_strings(self, name: str) -> list[str]:
+        data, control = [], []
+        for src, _, key, attrs in self.graph.in_edges(name, keys=True, data=True):
+            if attrs["control"]:
+                if self.graph.nodes[src]["op"] not in _NO_ORDERING:
+                    control.append("^" + src)
+            else:
+                out = attrs["src_output"]
+                data.append((key, src if out == 0 else f"{src}:{out}"))
+        data.sort()
+        return [t for _, t in data] + sorted(control)
+
+    def topological_order(self) -> list[str]:
+        nodes = self.graph.nodes
+        order = sorted(nodes, key=lambda n: nodes[n]["order"])
+        pos = {n: i for i, n in enumerate(order)}
+        if all(pos[u] < pos[v] for u, v in self.graph.edges()):
+            return order
+        return list(nx.lexicographical_topological_sort(self.graph, key=lambda n: nodes[n]["order"]))
+
+    def copy(self) -> IR:
+        # NodeDefs are never mutated in place (edits replace them), so sharing is safe.
+        clone = IR(self.graph.copy(), self.library, self.versions)
+        clone._uid = itertools.count(next(self._uid))
+        return clone
+
+    # ------------------------------------------------------------------ queries
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.graph
+
+    def __len__(self) -> int:
+        return self.graph.number_of_nodes()
+
+    def op(self, name: str) -> str:
+        return self.graph.nodes[name]["op"]
+
+    def nodedef(self, name: str) -> Any:
+        return self.graph.nodes[name]["nodedef"]
+
+    def attr(self, name: str, key: str) -> Any:
+        return self.graph.nodes[name]["nodedef"].attr[key]
+
+    def inputs(self, name: str) -> list[Tensor]:
+        """Data inputs in input order."""
+        items = [(attrs["dst_input"], (src, attrs["src_output"]))
+                 for src, _, attrs in self.graph.in_edges(name, data=True) if not attrs["control"]]
+        items.sort()
+        return [t for _, t in items]
+
+    def control_inputs(self, name: str) -> list[str]:
+        return [src for src, _, attrs in self.graph.in_edges(name, data=True) if attrs["control"]]
+
+    def consumers(self, tensor: Tensor) -> list[tuple[str, int]]:
+        """(node, input index) for every data use of `tensor`."""
+        src, out = tensor
+        return [(dst, attrs["dst_input"]) for _, dst, attrs in self.graph.out_edges(src, data=True)
+                if not attrs["control"] and attrs["src_output"] == out]
+
+    def data_successors(self, name: str) -> set[str]:
+        return {dst for _, dst, attrs in self.graph.out_edges(name, data=True) if not attrs["control"]}
+
+    def dtype(self, tensor: Tensor) -> tf.DType:
+        return tf.as_dtype(self.graph.nodes[tensor[0]]["dtypes"][tensor[1]])
+
+    def is_resource(self, tensor: Tensor) -> bool:
+        dtypes = self.graph.nodes[tensor[0]]["dtypes"]
+        return tensor[1] < len(dtypes) and dtypes[tensor[1]] == _DT_RESOURCE
+
+    def shape(self, tensor: Tensor) -> tuple | None:
+        shapes = self.graph.nodes[tensor[0]]["shapes"]
+        return shapes[tensor[1]] if tensor[1] < len(shapes) else None
+
+    def nodes_by_op(self, ops: Iterable[str]) -> list[str]:
+        wanted = set(ops)
+        return [n for n, op in self.graph.nodes(data="op") if op in wanted]
+
+    def device(self, name: str) -> str:
+        return self.graph.nodes[name]["nodedef"].device
+
+    # ------------------------------------------------------------------ edits
+
+    def add_node(self, name: str, op: str, inputs: Sequence[Tensor] = (), *,
+                 attrs: dict[str, Any] | None = None, dtypes: Sequence[Any] = (),
+                 shapes: Sequence[Any] = (), device: str = "", after: float | None = None,
+                 inserted_by: str = "", control_inputs: Sequence[str] = ()) -> str:
+        """Insert a node; returns its (uniquified) name. `after` is an order lower bound."""
+        base, name = name, name
+        while name in self.graph:
+            name = f"{base}_{next(self._uid)}"
+        nd = node_def_pb2.NodeDef(name=name, op=op, device=device)
+        for key, value in (attrs or {}).items():
+            nd.attr[key].CopyFrom(_attr_value(value))
+        lower = max([self.graph.nodes[s]["order"] for s, _ in inputs] +
+                    [self.graph.nodes[s]["order"] for s in control_inputs] +
+                    ([after] if after is not None else [-1.0]))
+        order = lower + 1e-6 * (1 + next(self._uid) % 997) / 997.0
+        self.graph.add_node(name, op=op, nodedef=nd, order=order,
+                            dtypes=[tf.as_dtype(d).as_datatype_enum for d in dtypes],
+                            shapes=[None if s is None else tuple(s) for s in shapes],
+                            inserted=inserted_by)
+        for k, (src, out) in enumerate(inputs):
+            self.graph.add_edge(src, name, k, src_output=out, dst_input=k, control=False)
+        for src in control_inputs:
+            self.graph.add_edge(src, name, CTRL, control=True)
+        return name
+
+    def add_const(self, name: str, value: np.ndarray, dtype: tf.DType, *, device: str = "",
+                  after: float | None = None, inserted_by: str = "") -> Tensor:
+        proto = tf.make_tensor_proto(np.asarray(value), dtype=dtype)
+        node = self.add_node(name, "Const", attrs={"value": proto, "dtype": dtype},
+                             dtypes=[dtype], shapes=[np.shape(value)], device=device,
+                             after=after, inserted_by=inserted_by)
+        return (node, 0)
+
+    def set_input(self, node: str, index: int, tensor: Tensor) -> None:
+        self.graph.remove_edge(*self._data_edge(node, index))
+        self.graph.add_edge(tensor[0], node, index, src_output=tensor[1], dst_input=index,
+                            control=False)
+
+    def replace_uses(self, old: Tensor, new: Tensor, *, exclude: Iterable[str] = ()) -> None:
+        """Make every data use of `old` (except by nodes in `exclude`) read `new` instead."""
+        skip = set(exclude)
+        for dst, index in self.consumers(old):
+            if dst not in skip:
+                self.set_input(dst, index, new)
+
+    def add_control_edge(self, src: str, dst: str) -> None:
+        if not self.graph.has_edge(src, dst, CTRL):
+            self.graph.add_edge(src, dst, CTRL, control=True)
+
+    def remove_nodes(self, names: Iterable[str]) -> None:
+        """Delete nodes, keeping the ordering their control edges imposed on survivors.
+
+        A survivor that had to wait for a removed node now waits for the removed node's
+        nearest surviving ancestors instead (placeholders and constants excepted).
+        """
+        doomed = set(names)
+        g = self.graph
+        memo: dict[str, frozenset[str]] = {}
+
+        def frontier(n: str) -> frozenset[str]:
+            if n in memo:
+                return memo[n]
+            memo[n] = frozenset()  # cycle guard; graphs are acyclic
+            found: set[str] = set()
+            stack, seen = [n], {n}
+            while stack:
+                cur = stack.pop()
+                for src in g.predecessors(cur):
+                    if src in seen:
+                        continue
+                    seen.add(src)
+                    if src in doomed:
+                        stack.append(src)
+                    elif g.nodes[src]["op"] not in _NO_ORDERING:
+                        found.add(src)
+            memo[n] = frozenset(found)
+            return memo[n]
+
+        rewires = []
+        for n in doomed:
+            for _, dst, attrs in g.out_edges(n, data=True):
+                if attrs["control"] and dst not in doomed:
+                    rewires.extend((src, dst) for src in frontier(n) if src != dst)
+        g.remove_nodes_from(doomed)
+        for src, dst in rewires:
+            self.add_control_edge(src, dst)
+
+    def shrink_identity_n(self, node: str, keep: Sequence[int]) -> None:
+        """Keep only outputs `keep` (and their matching inputs) of an IdentityN node."""
+        keep = sorted(keep)
+        new_index = {old: new for new, old in enumerate(keep)}
+        data = self.graph.nodes[node]
+        nd = node_def_pb2.NodeDef()
+        nd.CopyFrom(data["nodedef"])
+        types = list(nd.attr["T"].list.type)
+        del nd.attr["T"].list.type[:]
+        nd.attr["T"].list.type.extend(types[k] for k in keep)
+        data["nodedef"] = nd
+        data["dtypes"] = [data["dtypes"][k] for k in keep]
+        data["shapes"] = [data["shapes"][k] for k in keep if k < len(data["shapes"])]
+        g = self.graph
+        ins = [(src, key, attrs) for src, _, key, attrs in g.in_edges(node, keys=True, data=True)
+               if not attrs["control"]]
+        outs = [(dst, key, attrs) for _, dst, key, attrs in g.out_edges(node, keys=True, data=True)
+                if not attrs["control"]]
+        for src, key, attrs in ins:
+            g.remove_edge(src, node, key)
+            k = attrs["dst_input"]
+            if k in new_index:
+                g.add_edge(src, node, new_index[k], src_output=attrs["src_output"],
+                           dst_input=new_index[k], control=False)
+        for dst, key, attrs in outs:
+            if attrs["src_output"] not in new_index:
+                raise ValueError(f"{node}:{attrs['src_output']} is still used by {dst}")
+            attrs["src_output"] = new_index[attrs["src_output"]]
+
+    def _data_edge(self, node: str, index: int) -> tuple[str, str, int]:
+        for src, _, key, attrs in self.graph.in_edges(node, keys=True, data=True):
+            if not attrs["control"] and attrs["dst_input"] == index:
+                return (src, node, key)
+        raise KeyError(f"{node} has no input {index}")
+
+
+def _attr_value(value: Any) -> Any:
+    if isinstance(value, attr_value_pb2.AttrValue):
+        return value
+    if isinstance(value, tf.DType):
+        return attr_value_pb2.AttrValue(type=value.as_datatype_enum)
+    if isinstance(value, bool):
+        return attr_value_pb2.AttrValue(b=value)
+    if isinstance(value, int):
+        return attr_value_pb2.AttrValue(i=value)
+    if isinstance(value, str):
+        return attr_value_pb2.AttrValue(s=value.encode())
+    if hasattr(value, "dtype") and hasattr(value, "tensor_shape"):  # TensorProto
+        return attr_value_pb2.AttrValue(tensor=value)
+    raise TypeError(f"unsupported attr value {value!r}")
+
+
+def _drop_missing_colocations(nd: Any, graph: nx.MultiDiGraph) -> None:
+    """Colocation hints that name removed nodes would make the importer fail."""
+    keep = [s for s in nd.attr["_class"].list.s
+            if not s.startswith(b"loc:@") or s[5:].decode() in graph]
+    if keep:
+        del nd.attr["_class"].list.s[:]
+        nd.attr["_class"].list.s.extend(keep)
+    else:
+        del nd.attr["_class"]

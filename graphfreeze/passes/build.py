@@ -1,0 +1,127 @@
+"""Builders for the few op kinds the passes insert, with their attrs, dtypes and shapes.
+
+Every kind here has CPU, GPU and XLA kernels: Const, Fill, Mul, Sub, AddV2, SelectV2,
+GatherV2, StopGradient, ReadVariableOp, ResourceGather, Shape, ConcatV2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from ..ir import IR, Tensor
+
+
+def _broadcast(a: tuple | None, b: tuple | None) -> tuple | None:
+    if a is None or b is None:
+        return None
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return tuple(y if x == 1 else x for x, y in zip(a, b))
+
+
+@dataclass
+class Builder:
+    """Inserts nodes near `anchor`: same device, ordered just before it, tagged by pass."""
+
+    ir: IR
+    pass_name: str
+    anchor: str
+    prefix: str
+
+    def __post_init__(self) -> None:
+        self.device = self.ir.device(self.anchor)
+        preds = [self.ir.graph.nodes[s]["order"] for s in self.ir.graph.predecessors(self.anchor)]
+        self.after = max(preds, default=self.ir.graph.nodes[self.anchor]["order"] - 1.0)
+        self.created: list[str] = []
+
+    def _add(self, suffix: str, op: str, inputs: list[Tensor], dtype: tf.DType, shape,
+             **attrs) -> Tensor:
+        node = self.ir.add_node(f"{self.prefix}/{suffix}", op, inputs, attrs=attrs,
+                                dtypes=[dtype], shapes=[shape], device=self.device,
+                                after=self.after, inserted_by=self.pass_name)
+        self.created.append(node)
+        return (node, 0)
+
+    def const(self, suffix: str, value, dtype: tf.DType) -> Tensor:
+        t = self.ir.add_const(f"{self.prefix}/{suffix}", np.asarray(value), dtype,
+                              device=self.device, after=self.after, inserted_by=self.pass_name)
+        self.created.append(t[0])
+        return t
+
+    def adopt(self, tensor: Tensor) -> Tensor:
+        self.created.append(tensor[0])
+        return tensor
+
+    def mul(self, a: Tensor, b: Tensor, suffix: str = "mul") -> Tensor:
+        dtype = self.ir.dtype(a)
+        return self._add(suffix, "Mul", [a, b], dtype, _broadcast(self.ir.shape(a), self.ir.shape(b)),
+                         T=dtype)
+
+    def sub(self, a: Tensor, b: Tensor, suffix: str = "sub") -> Tensor:
+        dtype = self.ir.dtype(a)
+        return self._add(suffix, "Sub", [a, b], dtype, _broadcast(self.ir.shape(a), self.ir.shape(b)),
+                         T=dtype)
+
+    def add(self, a: Tensor, b: Tensor, suffix: str = "add") -> Tensor:
+        dtype = self.ir.dtype(a)
+        return self._add(suffix, "AddV2", [a, b], dtype,
+                         _broadcast(self.ir.shape(a), self.ir.shape(b)), T=dtype)
+
+    def select(self, cond: Tensor, a: Tensor, b: Tensor, suffix: str = "select") -> Tensor:
+        dtype = self.ir.dtype(a)
+        shape = _broadcast(_broadcast(self.ir.shape(cond), self.ir.shape(a)), self.ir.shape(b))
+        return self._add(suffix, "SelectV2", [cond, a, b], dtype, shape, T=dtype)
+
+    def stop_gradient(self, x: Tensor, suffix: str = "stop_gradient") -> Tensor:
+        dtype = self.ir.dtype(x)
+        return self._add(suffix, "StopGradient", [x], dtype, self.ir.shape(x), T=dtype)
+
+    def gather_rows(self, params: Tensor, indices: Tensor, suffix: str = "gather") -> Tensor:
+        dtype, idx_dtype = self.ir.dtype(params), self.ir.dtype(indices)
+        axis = self.const(f"{suffix}_axis", 0, tf.int32)
+        p_shape, i_shape = self.ir.shape(params), self.ir.shape(indices)
+        shape = None if p_shape is None or i_shape is None else tuple(i_shape) + tuple(p_shape[1:])
+        return self._add(suffix, "GatherV2", [params, indices, axis], dtype, shape,
+                         Tparams=dtype, Tindices=idx_dtype, Taxis=tf.int32, batch_dims=0)
+
+    def gather_nd(self, params: Tensor, indices: Tensor, suffix: str = "gather_nd") -> Tensor:
+        dtype, idx_dtype = self.ir.dtype(params), self.ir.dtype(indices)
+        return self._add(suffix, "GatherNd", [params, indices], dtype, None,
+                         Tparams=dtype, Tindices=idx_dtype)
+
+    def read(self, resource: Tensor, dtype: tf.DType, shape, suffix: str = "read") -> Tensor:
+        return self._add(suffix, "ReadVariableOp", [resource], dtype, shape, dtype=dtype)
+
+    def resource_gather(self, resource: Tensor, indices: Tensor, dtype: tf.DType,
+                        suffix: str = "read_rows", *, nd: bool = False) -> Tensor:
+        if nd:
+            return self._add(suffix, "ResourceGatherNd", [resource, indices], dtype, None,
+                             dtype=dtype, Tindices=self.ir.dtype(indices))
+        return self._add(suffix, "ResourceGather", [resource, indices], dtype, None,
+                         dtype=dtype, Tindices=self.ir.dtype(indices), batch_dims=0,
+                         validate_indices=True)
+
+    def fill(self, dims: Tensor, value: Tensor, shape, suffix: str = "zeros") -> Tensor:
+        dtype = self.ir.dtype(value)
+        return self._add(suffix, "Fill", [dims, value], dtype, shape, T=dtype,
+                         index_type=self.ir.dtype(dims))
+
+    def zeros(self, shape: tuple, dtype: tf.DType, suffix: str = "zeros") -> Tensor:
+        dims = self.const(f"{suffix}_shape", np.asarray(shape, dtype=np.int32), tf.int32)
+        value = self.const(f"{suffix}_value", np.zeros((), dtype=dtype.as_numpy_dtype), dtype)
+        return self.fill(dims, value, tuple(shape), suffix)
+
+    def zeros_rows(self, indices: Tensor, row_shape: tuple, dtype: tf.DType,
+                   suffix: str = "zeros") -> Tensor:
+        """Zeros of shape [len(indices), *row_shape] without touching the sparse values."""
+        n = self._add(f"{suffix}_n", "Shape", [indices], tf.int32, (1,),
+                      T=self.ir.dtype(indices), out_type=tf.int32)
+        rest = self.const(f"{suffix}_row_shape", np.asarray(row_shape, dtype=np.int32), tf.int32)
+        axis = self.const(f"{suffix}_axis", 0, tf.int32)
+        dims = self._add(f"{suffix}_dims", "ConcatV2", [n, rest, axis], tf.int32,
+                         (1 + len(row_shape),), N=2, T=tf.int32, Tidx=tf.int32)
+        value = self.const(f"{suffix}_value", np.zeros((), dtype=dtype.as_numpy_dtype), dtype)
+        return self.fill(dims, value, (None,) + tuple(row_shape), suffix)

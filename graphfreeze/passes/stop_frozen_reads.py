@@ -1,0 +1,74 @@
+"""Forward mode: make frozen values constants for any gradient taken through the function.
+
+After each read of a frozen variable:
+
+* fully frozen:  StopGradient(x)
+* partly frozen: keep * x + StopGradient(frozen * x)   (the seed-002 trick, exact in value)
+
+A read that only feeds a row gather (an embedding lookup) is masked after the gather,
+with the mask rows gathered by the same indices, so the caller's gradient stays sparse.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from ..ir import IR, Tensor
+from ..plan import Plan
+from ..rules import VariableFreeze
+from .build import Builder
+from .masks import compress, slug
+from .resources import check_known_use, resource_uses
+
+PASS = "stop_frozen_reads"
+_VALUE_READS = ("ReadVariableOp", "ResourceGather")
+
+
+def stop_frozen_reads(ir: IR, plan: Plan) -> IR:
+    for vf in plan.freezes:
+        for node, _ in resource_uses(ir, vf.variable.placeholder):
+            if check_known_use(ir, node, vf.variable.path) != "read" or ir.op(node) not in _VALUE_READS:
+                continue
+            if ir.op(node) == "ResourceGather":
+                _mask(ir, plan, vf, node, (node, 0), indices=ir.inputs(node)[1])
+                continue
+            read = (node, 0)
+            gathers = [(dst, i) for dst, i in ir.consumers(read) if _is_row_gather(ir, dst, i)]
+            if vf.partial and gathers and len(gathers) == len(ir.consumers(read)):
+                for dst, _ in gathers:
+                    _mask(ir, plan, vf, dst, (dst, 0), indices=ir.inputs(dst)[1])
+            else:
+                _mask(ir, plan, vf, node, read, indices=None)
+    return ir
+
+
+def _is_row_gather(ir: IR, node: str, index: int) -> bool:
+    if ir.op(node) != "GatherV2" or index != 0:
+        return False
+    axis = ir.inputs(node)[2][0]
+    if ir.op(axis) != "Const":
+        return False
+    return int(tf.make_ndarray(ir.attr(axis, "value").tensor)) == 0 and \
+        ir.attr(node, "batch_dims").i == 0
+
+
+def _mask(ir: IR, plan: Plan, vf: VariableFreeze, anchor: str, x: Tensor,
+          indices: Tensor | None) -> None:
+    consumers = ir.consumers(x)
+    if not consumers:
+        return
+    b = Builder(ir, PASS, anchor, f"graphfreeze/{PASS}/{slug(vf.variable.path)}")
+    if vf.full:
+        y = b.stop_gradient(x)
+    else:
+        dtype = ir.dtype(x)
+        gathered = indices is not None
+        np_dtype = dtype.as_numpy_dtype
+        keep = b.const("keep", compress(~vf.frozen, keep_axis0=gathered).astype(np_dtype), dtype)
+        frozen = b.const("frozen", compress(vf.frozen, keep_axis0=gathered).astype(np_dtype), dtype)
+        if gathered:
+            keep = b.gather_rows(keep, indices, "keep_rows")
+            frozen = b.gather_rows(frozen, indices, "frozen_rows")
+        y = b.add(b.mul(x, keep, "trained"), b.stop_gradient(b.mul(x, frozen, "fixed")))
+    ir.replace_uses(x, y, exclude=b.created)
+    plan.notes.inserted.extend(b.created)

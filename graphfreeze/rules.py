@@ -1,0 +1,383 @@
+"""Freeze rules and their resolution to one frozen-entry mask per variable.
+
+Rules apply in order, entry by entry: a later rule overrides an earlier one where they
+overlap, so ``["encoder/*", Unfreeze(Rows("encoder/embeddings", new_ids))]`` freezes the
+encoder except the new embedding rows.
+
+Index conventions (documented in the README):
+  * explicit indices must be non-negative and distinct; negative indices are refused
+    because a rule written against one shape must not silently move to another row when a
+    layer grows (seed 000), and duplicates usually mean the index list was built wrongly;
+  * slices follow Python semantics against the axis length;
+  * a 1-D boolean array selects along the axis and must have the axis length.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+from .errors import RuleError
+from .variables import VariableInfo, module_variables, resource_variable, variable_path
+
+__all__ = ["Rule", "Freeze", "Rows", "Columns", "Mask", "Unfreeze", "as_rule", "resolve",
+           "VariableFreeze", "RuleLike"]
+
+Target = Any  # a glob string, a variable, or a Keras layer / tf.Module
+RuleLike = Union["Rule", str, Any]
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _describe_target(target: Target) -> str:
+    if isinstance(target, str):
+        return repr(target)
+    if resource_variable(target) is not None:
+        return f"variable {variable_path(target)!r}"
+    name = getattr(target, "name", None) or type(target).__name__
+    return f"layer {name!r}"
+
+
+def _check_target(target: Target, rule_name: str) -> None:
+    if isinstance(target, str):
+        if not target:
+            raise RuleError(f"{rule_name}: an empty pattern matches nothing; give a variable "
+                            "path glob such as 'dense/*'.")
+        return
+    if resource_variable(target) is not None or module_variables(target) is not None:
+        return
+    raise RuleError(
+        f"{rule_name}: cannot use {target!r} ({type(target).__name__}) as a target; expected a "
+        "glob over variable paths (str), a tf.Variable or Keras variable, or a Keras layer / "
+        "tf.Module.")
+
+
+def _glob_matches(pattern: str, path: str) -> bool:
+    if fnmatch.fnmatchcase(path, pattern):
+        return True
+    parts = path.split("/")
+    return any(fnmatch.fnmatchcase("/".join(parts[i:]), pattern) for i in range(1, len(parts)))
+
+
+def _closest_paths(pattern: str, paths: Sequence[str], n: int = 3) -> list[str]:
+    """Full paths whose whole text or a '/'-suffix looks most like `pattern`."""
+    candidates: dict[str, str] = {}
+    for path in paths:
+        parts = path.split("/")
+        for i in range(len(parts)):
+            candidates.setdefault("/".join(parts[i:]), path)
+    probe = pattern.replace("*", "").replace("?", "")
+    best = difflib.get_close_matches(probe, list(candidates), n=4 * n, cutoff=0.0)
+    out: list[str] = []
+    for suffix in best:
+        if candidates[suffix] not in out:
+            out.append(candidates[suffix])
+    return out[:n]
+
+
+def match_target(target: Target, variables: Sequence[VariableInfo], rule: "Rule") -> list[VariableInfo]:
+    """The variables `target` designates among those the function reads; never empty."""
+    if isinstance(target, str):
+        # Optimizer state is graphfreeze's business: "*" must not freeze Adam's iteration.
+        found = [v for v in variables if not v.optimizer_state and _glob_matches(target, v.path)]
+        if not found:
+            model_paths = [v.path for v in variables if not v.optimizer_state]
+            close = _closest_paths(target, model_paths)
+            hint = (f" Closest variable paths: {', '.join(repr(p) for p in close)}." if close
+                    else " The function reads no model variable.")
+            raise RuleError(
+                f"rule {rule.describe()} matches no variable read by the function.{hint} A "
+                "pattern matches a whole variable path or any suffix starting after a '/', "
+                "e.g. 'hidden1/*' matches 'sequential/hidden1/kernel'.")
+        return found
+    wanted = [resource_variable(target)] if resource_variable(target) is not None else [
+        resource_variable(v) for v in module_variables(target) or []]
+    ids = {id(w) for w in wanted if w is not None}
+    found = [v for v in variables if id(v.variable) in ids]
+    if not found:
+        raise RuleError(
+            f"rule {rule.describe()} names {len(ids)} variable(s), none of which the function "
+            f"reads; the function reads {len(variables)} variables, e.g. "
+            f"{', '.join(repr(v.path) for v in variables[:3])}. Pass the layer or variable the "
+            "traced step actually uses.")
+    return found
+
+
+# --------------------------------------------------------------------------- indices
+
+
+def _axis_selection(indices: Any, length: int, rule: "Rule", var: VariableInfo, axis: int) -> np.ndarray:
+    """A boolean vector of `length` from ints, a range, a slice, a list or an array."""
+    where = f"rule {rule.describe()} on {var.path!r} (shape {list(var.shape)}, axis {axis})"
+    if isinstance(indices, slice):
+        sel = np.zeros(length, dtype=bool)
+        sel[indices] = True
+        return sel
+    arr = np.asarray(list(indices) if isinstance(indices, (range, Iterable)) and
+                     not isinstance(indices, np.ndarray) else indices)
+    if arr.dtype == bool:
+        if arr.shape != (length,):
+            raise RuleError(f"{where}: boolean selection has shape {list(arr.shape)}, expected "
+                            f"[{length}].")
+        return arr.copy()
+    sel = np.zeros(length, dtype=bool)
+    if arr.size == 0:
+        return sel
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise RuleError(f"{where}: indices must be a 1-D collection of integers, got "
+                        f"{arr.dtype} array of shape {list(arr.shape)}.")
+    bad = arr[(arr < 0) | (arr >= length)]
+    if bad.size:
+        kind = "negative index" if bad[0] < 0 else "index out of range"
+        raise RuleError(f"{where}: {kind} {int(bad[0])}; valid indices are 0..{length - 1} "
+                        "(negative indices are refused; use a slice for 'the last k').")
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        raise RuleError(f"{where}: duplicate index {int(uniq[counts > 1][0])}; pass each index "
+                        "once (e.g. sorted(set(ids))).")
+    sel[arr] = True
+    return sel
+
+
+def _validate_indices(indices: Any, rule_name: str) -> Any:
+    if isinstance(indices, (int, np.integer)):
+        return [int(indices)]
+    if isinstance(indices, (slice, range, np.ndarray)):
+        return indices
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        raise RuleError(f"{rule_name}: indices must be an int, range, slice, list or numpy array, "
+                        f"got {type(indices).__name__} {indices!r}.")
+    items = list(indices)
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise RuleError(f"{rule_name}: index {i!r} is not an integer.")
+        if i < 0:
+            raise RuleError(f"{rule_name}: negative index {i}; graphfreeze refuses negative "
+                            "indices (a slice such as slice(-k, None) says 'the last k').")
+    if len(set(int(i) for i in items)) != len(items):
+        dup = next(i for i in items if items.count(i) > 1)
+        raise RuleError(f"{rule_name}: duplicate index {dup}; pass each index once.")
+    return items
+
+
+def _summarize_indices(indices: Any) -> str:
+    if isinstance(indices, slice):
+        return f"{indices.start if indices.start is not None else ''}:" \
+               f"{indices.stop if indices.stop is not None else ''}" + \
+               (f":{indices.step}" if indices.step not in (None, 1) else "")
+    if isinstance(indices, range):
+        return f"range({indices.start}, {indices.stop}" + (
+            f", {indices.step})" if indices.step != 1 else ")")
+    arr = np.asarray(indices)
+    if arr.dtype == bool:
+        return f"{int(arr.sum())} of {arr.size}"
+    items = [int(i) for i in arr.ravel()]
+    return repr(items) if len(items) <= 6 else f"{len(items)} indices"
+
+
+# --------------------------------------------------------------------------- rules
+
+
+class Rule:
+    """Base class of freeze rules. `entries(var)` selects entries; `freezes` says which way."""
+
+    freezes: bool = True
+
+    def __init__(self, target: Target):
+        _check_target(target, type(self).__name__)
+        self.target = target
+
+    def entries(self, var: VariableInfo) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+class Freeze(Rule):
+    """Freeze every entry of the target's variables. Strings, variables and layers become this.
+
+    >>> import graphfreeze as gf
+    >>> gf.Freeze("hidden1/*")
+    'hidden1/*'
+    """
+
+    def entries(self, var: VariableInfo) -> np.ndarray:
+        return np.ones(var.shape, dtype=bool)
+
+    def describe(self) -> str:
+        return _describe_target(self.target)
+
+
+class _AxisRule(Rule):
+    axis_name = ""
+
+    def __init__(self, target: Target, indices: Any):
+        super().__init__(target)
+        self.indices = _validate_indices(indices, f"{type(self).__name__}({_describe_target(target)})")
+
+    def _axis(self, var: VariableInfo) -> int:
+        raise NotImplementedError
+
+    def entries(self, var: VariableInfo) -> np.ndarray:
+        if len(var.shape) == 0:
+            raise RuleError(f"rule {self.describe()} selects {self.axis_name} of {var.path!r}, "
+                            "a scalar; freeze the whole variable instead.")
+        axis = self._axis(var)
+        sel = _axis_selection(self.indices, var.shape[axis], self, var, axis)
+        view_shape = [1] * len(var.shape)
+        view_shape[axis] = var.shape[axis]
+        return np.broadcast_to(sel.reshape(view_shape), var.shape).copy()
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({_describe_target(self.target)}, " \
+               f"{_summarize_indices(self.indices)})"
+
+
+class Rows(_AxisRule):
+    """Freeze rows (axis 0) of the target variables.
+
+    >>> import graphfreeze as gf
+    >>> gf.Rows("emb/embeddings", [0, 3, 7])   # keep three domain-word embeddings fixed
+    Rows('emb/embeddings', [0, 3, 7])
+    """
+
+    axis_name = "rows"
+
+    def _axis(self, var: VariableInfo) -> int:
+        return 0
+
+
+class Columns(_AxisRule):
+    """Freeze columns (last axis) of the target variables: output units of a Dense kernel.
+
+    >>> import graphfreeze as gf
+    >>> gf.Columns("dense/kernel", range(10))   # the 10 old units of a grown layer
+    Columns('dense/kernel', range(0, 10))
+    """
+
+    axis_name = "columns"
+
+    def _axis(self, var: VariableInfo) -> int:
+        return len(var.shape) - 1
+
+
+class Mask(Rule):
+    """Freeze the entries where a boolean array of the variable's shape is True.
+
+    >>> import numpy as np, graphfreeze as gf
+    >>> gf.Mask("out/kernel", np.eye(2, dtype=bool))
+    Mask('out/kernel', 2 of 4 entries)
+    """
+
+    def __init__(self, target: Target, mask: Any):
+        super().__init__(target)
+        arr = np.asarray(mask)
+        if arr.dtype != bool:
+            raise RuleError(f"Mask({_describe_target(target)}): mask must be a boolean array "
+                            f"(True = frozen), got dtype {arr.dtype}; use np.asarray(m, bool) "
+                            "if that is what you mean.")
+        self.mask = arr.copy()
+
+    def entries(self, var: VariableInfo) -> np.ndarray:
+        if self.mask.shape != tuple(var.shape):
+            raise RuleError(f"rule {self.describe()} has shape {list(self.mask.shape)} but "
+                            f"variable {var.path!r} has shape {list(var.shape)}.")
+        return self.mask.copy()
+
+    def describe(self) -> str:
+        return f"Mask({_describe_target(self.target)}, {int(self.mask.sum())} of " \
+               f"{self.mask.size} entries)"
+
+
+class Unfreeze(Rule):
+    """Undo earlier rules for a target (or for the entries a partial rule selects).
+
+    >>> import graphfreeze as gf
+    >>> rules = ["*", gf.Unfreeze("head/*")]      # freeze everything but the head
+    >>> gf.Unfreeze(gf.Rows("emb/embeddings", [5]))
+    Unfreeze(Rows('emb/embeddings', [5]))
+    """
+
+    freezes = False
+
+    def __init__(self, target: Target | Rule):
+        self.inner = target if isinstance(target, Rule) else Freeze(target)
+        if isinstance(self.inner, Unfreeze):
+            raise RuleError("Unfreeze(Unfreeze(...)) is ambiguous; write the freeze rule itself.")
+        self.target = self.inner.target
+
+    def entries(self, var: VariableInfo) -> np.ndarray:
+        return self.inner.entries(var)
+
+    def describe(self) -> str:
+        return f"Unfreeze({self.inner.describe()})"
+
+
+def as_rule(obj: RuleLike) -> Rule:
+    """Normalize a rule argument: strings, variables and layers become `Freeze` rules."""
+    if isinstance(obj, Rule):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        raise RuleError(f"rules are passed one per argument, got a {type(obj).__name__}; "
+                        "unpack it: gf.freeze(*rules).")
+    try:
+        return Freeze(obj)
+    except RuleError:
+        raise RuleError(
+            f"{obj!r} ({type(obj).__name__}) is not a freeze rule; pass a glob string such as "
+            "'hidden1/*', a variable, a Keras layer, or gf.Rows / gf.Columns / gf.Mask / "
+            "gf.Unfreeze.") from None
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+@dataclass(eq=False)
+class VariableFreeze:
+    """The net effect of all rules on one variable: `frozen` is True where entries stay fixed."""
+
+    variable: VariableInfo
+    frozen: np.ndarray
+    rules: list[str] = field(default_factory=list)
+
+    @property
+    def n_frozen(self) -> int:
+        return int(self.frozen.sum())
+
+    @property
+    def full(self) -> bool:
+        return bool(self.frozen.all())
+
+    @property
+    def partial(self) -> bool:
+        return 0 < self.n_frozen < self.frozen.size
+
+
+def resolve(rules: Sequence[RuleLike], variables: Sequence[VariableInfo]) -> list[VariableFreeze]:
+    """Apply `rules` in order to `variables`; return the variables with a frozen entry.
+
+    Raises `RuleError` naming the rule for anything that does not fit; nothing is partial.
+    """
+    state: dict[int, VariableFreeze] = {}
+    for rule in (as_rule(r) for r in rules):
+        for var in match_target(rule.target, variables, rule):
+            sel = rule.entries(var)
+            vf = state.get(id(var))
+            if vf is None:
+                vf = state[id(var)] = VariableFreeze(var, np.zeros(var.shape, dtype=bool))
+            if rule.freezes:
+                vf.frozen |= sel
+            else:
+                vf.frozen &= ~sel
+            vf.rules.append(rule.describe())
+    return [vf for vf in state.values() if vf.n_frozen]

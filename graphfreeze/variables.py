@@ -1,0 +1,75 @@
+"""What graphfreeze knows about one variable a traced function reads.
+
+Shared by the front end (which discovers variables), the rules (which match them) and the
+passes (which rewrite their reads and writes), so it depends on nothing but TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import tensorflow as tf
+
+
+@dataclass(eq=False)
+class VariableInfo:
+    """One variable captured by the traced function.
+
+    `path` is the Keras `Variable.path` when the variable is a Keras variable, else the
+    `tf.Variable` name without its `:0`. `placeholder` is the graph node through which the
+    traced function receives the variable's resource handle.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: tf.DType
+    variable: tf.Variable
+    keras_variable: Any | None
+    placeholder: str
+    trainable: bool
+    optimizer_state: bool = False
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def __repr__(self) -> str:
+        return f"<variable {self.path!r} shape={list(self.shape)} {self.dtype.name}>"
+
+
+def is_keras_variable(obj: Any) -> bool:
+    """A Keras 3 variable: wraps a `tf.Variable` in `_value` and knows its `path`."""
+    return hasattr(obj, "path") and isinstance(getattr(obj, "_value", None), tf.Variable)
+
+
+def resource_variable(obj: Any) -> tf.Variable | None:
+    """The `tf.Variable` whose handle a function captures when it reads `obj`."""
+    if isinstance(obj, tf.Variable):
+        return obj
+    if is_keras_variable(obj):
+        return obj._value
+    return None
+
+
+def variable_path(obj: Any) -> str:
+    if is_keras_variable(obj):
+        return obj.path
+    name = obj.name
+    return name[:-2] if name.endswith(":0") else name
+
+
+def module_variables(obj: Any) -> list[Any] | None:
+    """All variables of a Keras layer/model or `tf.Module`, trainable or not; else None."""
+    if isinstance(obj, (str, bytes)) or resource_variable(obj) is not None:
+        return None
+    variables = getattr(obj, "variables", None)
+    if variables is None or callable(variables):
+        return None
+    try:
+        return list(variables)
+    except TypeError:
+        return None

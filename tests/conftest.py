@@ -1,0 +1,85 @@
+"""Shared builders for the tests: small real Keras models, steps and references.
+
+References are always computed in the same test: a second model with identical initial
+values trained side by side (Keras ``trainable=False`` for whole variables, the seed-002
+stop-gradient mask for entries).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(1e-2),
+    "adamw_decay": lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.05),
+    "rmsprop": lambda: keras.optimizers.RMSprop(1e-2),
+}
+
+
+def mlp(sizes=(6, 12, 10, 8, 3), seed=0, names=None, activation="tanh"):
+    """A Sequential MLP with named Dense layers: hidden1, hidden2, ..., out."""
+    keras.utils.set_random_seed(seed)
+    names = names or [f"hidden{i + 1}" for i in range(len(sizes) - 2)] + ["out"]
+    layers = [keras.Input((sizes[0],))]
+    for i, (n, name) in enumerate(zip(sizes[1:], names)):
+        layers.append(keras.layers.Dense(n, activation=None if i == len(sizes) - 2 else activation,
+                                         name=name))
+    return keras.Sequential(layers)
+
+
+def twin(model, builder):
+    """A second model with the same architecture and identical initial values."""
+    other = builder()
+    other.set_weights(model.get_weights())
+    return other
+
+
+def make_step(model, optimizer, loss_fn=None, variables=None):
+    """The canonical custom training step (plain Python; callers may tf.function it)."""
+    loss_fn = loss_fn or keras.losses.MeanSquaredError()
+
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        vs = variables if variables is not None else model.trainable_variables
+        grads = tape.gradient(loss, vs)
+        optimizer.apply_gradients(zip(grads, vs))
+        return loss
+
+    return train_step
+
+
+def batches(n, x_shape, y_shape, seed=1, y_int=None):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.normal(size=x_shape).astype("float32")
+        y = (rng.integers(0, y_int, size=y_shape).astype("int32") if y_int
+             else rng.normal(size=y_shape).astype("float32"))
+        out.append((x, y))
+    return out
+
+
+def snapshot(variables):
+    return {v.path if hasattr(v, "path") else v.name: np.array(v.numpy(), copy=True)
+            for v in variables}
+
+
+def assert_close_models(a, b, atol=1e-5):
+    for va, vb in zip(a.variables, b.variables):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=atol, rtol=1e-5,
+                                   err_msg=f"{va.path} differs from the reference")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_session():
+    keras.backend.clear_session()
+    yield
