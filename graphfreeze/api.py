@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -15,7 +17,7 @@ from .capture import trace
 from .emit import emit
 from .ir import IR
 from .passes import run_pipeline
-from .passes.dependence import optimizer_state
+from .passes.dependence import analyze, optimizer_state
 from .plan import Plan
 from .rewritten import Rewritten
 from .errors import RuleError
@@ -42,13 +44,29 @@ def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: A
     rule_list = _normalize(rules)
     capture = trace(fn, example_args, example_kwargs,
                     extra_objects=[getattr(r, "target", None) for r in rule_list])
-    ir = IR.from_graph_def(capture.graph_def, capture.meta)
-    if capture.training:
-        for p in optimizer_state(ir, capture.markers, capture.variable_by_placeholder):
-            capture.variable_by_placeholder[p].optimizer_state = True
-    plan = Plan(capture, resolve(rule_list, capture.variables))
-    rewritten = run_pipeline(ir, plan)
-    return Rewritten(capture, plan, ir, rewritten, emit(rewritten, capture))
+    with _gc_paused():
+        ir = IR.from_graph_def(capture.graph_def, capture.meta)
+        variables = capture.variable_by_placeholder
+        dep, owners = analyze(ir, capture.markers, variables) if capture.training else (None, {})
+        if dep is not None:
+            for p in optimizer_state(dep, owners, variables):
+                variables[p].optimizer_state = True
+        plan = Plan(capture, resolve(rule_list, capture.variables), dep, owners)
+        rewritten = run_pipeline(ir, plan)
+        return Rewritten(capture, plan, rewritten, emit(rewritten, capture))
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic GC while building large networkx graphs (it only adds pauses:
+    nothing allocated here is garbage until the rewrite is done)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _leaf_key(leaf: Any) -> Any:

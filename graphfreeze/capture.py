@@ -210,7 +210,7 @@ def _shape_tuple(shape: tf.TensorShape) -> tuple | None:
 def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()) -> Capture:
     """Trace `fn(*args, **kwargs)` once with gradient markers and describe the result."""
     py_fn, options = _python_function(fn)
-    name = getattr(py_fn, "__qualname__", getattr(py_fn, "__name__", "step"))
+    name = getattr(py_fn, "__name__", None) or type(py_fn).__name__
     # A fresh tf.function: the user's own may hold cached traces without markers.
     traced = tf.function(py_fn, **options)
     recorder = _MarkerRecorder()

@@ -7,6 +7,7 @@ example, which optimizer slots were pruned and on whose behalf.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .capture import Capture, Marker
 from .rules import VariableFreeze
@@ -28,6 +29,8 @@ class Notes:
 class Plan:
     capture: Capture
     freezes: list[VariableFreeze]
+    dependence: Any = None                  # passes.dependence.Dependence of the trace
+    gradient_owner: dict[int, VariableInfo | None] = field(default_factory=dict)  # bit -> var
     notes: Notes = field(default_factory=Notes)
 
     def __post_init__(self) -> None:

@@ -24,11 +24,9 @@ class Rewritten:
     >>> print(rw.report())                                   # doctest: +SKIP
     """
 
-    def __init__(self, capture: Capture, plan: Plan, original: IR, rewritten: IR,
-                 emitted: Emitted):
+    def __init__(self, capture: Capture, plan: Plan, rewritten: IR, emitted: Emitted):
         self._capture = capture
         self.plan = plan
-        self._original_ir = original
         self._ir = rewritten
         self._emitted = emitted
         self._original_view: nx.MultiDiGraph | None = None
@@ -71,7 +69,8 @@ class Rewritten:
         """The traced graph before any pass, without graphfreeze's gradient markers."""
         if self._original_view is None:
             from .passes.strip_markers import strip_markers
-            self._original_view = strip_markers(self._original_ir.copy(), self.plan).graph
+            traced = IR.from_graph_def(self._capture.graph_def, self._capture.meta)
+            self._original_view = strip_markers(traced, self.plan).graph
         return self._original_view
 
     @property

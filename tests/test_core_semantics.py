@@ -152,3 +152,20 @@ def test_report_lists_frozen_variables_and_rules():
         assert row.path in text and f"{row.frozen}/{row.total}" in text
         assert row.rules == ("'hidden1/*'",)
     assert "pruned" in text
+
+
+def test_glob_freezes_batchnorm_statistics_as_model_state():
+    """Moving statistics are model state: '*' matches them (they are not optimizer state,
+    even though their updates depend on activations of trainable layers)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="d1"),
+                              keras.layers.BatchNormalization(name="bn"),
+                              keras.layers.Dense(3, name="out")])
+    step = make_step(model, keras.optimizers.Adam(1e-2))
+    rw = gf.rewrite(step, ["*", gf.Unfreeze("out/*")], *DATA[0])
+    bn = model.get_layer("bn")
+    assert {bn.moving_mean.path, bn.moving_variance.path} <= set(rw.report().frozen)
+    before = snapshot(bn.variables)
+    for x, y in DATA[:3]:
+        rw(x, y)
+    assert all(np.array_equal(v, before[p]) for p, v in snapshot(bn.variables).items())

@@ -38,11 +38,10 @@ FORWARD_PIPELINE: Sequence[Pass] = (
 
 
 def run_pipeline(ir: IR, plan: Plan) -> IR:
-    """Run the pipeline that fits the traced function on a copy of `ir`."""
-    work = ir.copy()
+    """Run the pipeline that fits the traced function; edits `ir` in place."""
     for p in TRAINING_PIPELINE if plan.training else FORWARD_PIPELINE:
-        work = p(work, plan)
-    return work
+        ir = p(ir, plan)
+    return ir
 
 
 __all__ = ["TRAINING_PIPELINE", "FORWARD_PIPELINE", "run_pipeline", "Pass"]

@@ -8,7 +8,11 @@ with three refinements that make the answer mean "whose optimizer update is this
   zero gradient inside a global norm or an all-finite check does not tie it to every
   other variable's update;
 * reading a resource yields the bits of every value written to it (to a fixpoint), so a
-  slot read back after its update carries the gradient that produced it.
+  slot read back after its update carries the gradient that produced it. Variables that
+  have a gradient of their own are the exception: their value is model state, and their
+  reads carry no bits. This also makes the bits of every surviving tensor the same before
+  and after the passes (which only delete writes and change what flows into markers), so
+  one analysis of the traced graph serves the whole pipeline.
 
 Control edges are ignored: Keras chains all updates with control dependencies, and they
 say nothing about values.
@@ -17,6 +21,7 @@ say nothing about values.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 from .. import opkinds
 from ..ir import IR, Tensor
@@ -41,9 +46,10 @@ def write_targets(ir: IR, node: str, inputs: list[Tensor]) -> list[str]:
 class Dependence:
     """Gradient bits per tensor and per written resource, for one IR."""
 
-    def __init__(self, ir: IR, sources: dict[Tensor, int]):
+    def __init__(self, ir: IR, sources: dict[Tensor, int], model_state: set[str] = frozenset()):
         self.ir = ir
         self.sources = sources
+        self.model_state = model_state
         self.order = ir.topological_order()
         self.inputs = {n: ir.inputs(n) for n in self.order}
         self.tensor_bits: dict[Tensor, int] = {}
@@ -95,24 +101,33 @@ class Dependence:
                     b |= bits.get(t, 0)
                 if op in opkinds.RESOURCE_READS and inputs:
                     owner = resource_owner(ir, inputs[0])
-                    if owner is not None:
+                    if owner is not None and owner not in self.model_state:
                         b |= self.resource_bits.get(owner, 0)
             for k in range(n_out):
                 bits[(node, k)] = b
         self.tensor_bits = bits
 
 
-def optimizer_state(ir: IR, markers: list, placeholders: dict) -> set[str]:
-    """Placeholders of variables that are optimizer state: written with gradient-derived
-    values but without a gradient of their own (slots, accumulators)."""
-    sources, marked = {}, set()
+
+def analyze(ir: IR, markers: list, variables: dict) -> tuple[Dependence, dict[int, Any]]:
+    """Gradient dependence of the traced graph: one bit per marker.
+
+    Returns the analysis and, per bit, the variable its marker belongs to.
+    """
+    by_id = {id(v.variable): v for v in variables.values()}
+    sources, owners = {}, {}
     for i, m in enumerate(markers):
         for name in (m.values, m.indices):
             if name:
                 sources[(name, 0)] = 1 << i
-        marked.add(id(m.variable))
-    if not sources:
-        return set()
-    dep = Dependence(ir, sources)
+        owners[1 << i] = by_id.get(id(m.variable))
+    marked = {v.placeholder for v in owners.values() if v is not None}
+    return Dependence(ir, sources, marked), owners
+
+
+def optimizer_state(dep: Dependence, owners: dict[int, Any], variables: dict) -> set[str]:
+    """Placeholders of variables that are optimizer state: written with gradient-derived
+    values but without a gradient of their own (slots, accumulators)."""
+    marked = {v.placeholder for v in owners.values() if v is not None}
     return {p for p, bits in dep.resource_bits.items()
-            if bits and p in placeholders and id(placeholders[p].variable) not in marked}
+            if bits and p in variables and p not in marked}

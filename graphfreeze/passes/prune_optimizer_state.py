@@ -11,41 +11,29 @@ from __future__ import annotations
 from .. import opkinds
 from ..ir import IR
 from ..plan import Plan
-from .dependence import Dependence, write_targets
-
-
-def gradient_sources(plan: Plan, ir: IR) -> tuple[dict, dict[int, str], int]:
-    """Bit per marked variable: (tensor -> bit, bit -> variable path, mask of live bits)."""
-    sources, owners, live = {}, {}, 0
-    for i, (marker, var) in enumerate(plan.markers()):
-        bit = 1 << i
-        owners[bit] = var.path
-        vf = plan.freeze_of(var.placeholder)
-        if vf is None or not vf.full:
-            live |= bit
-        for name in (marker.values, marker.indices):
-            if name and name in ir:
-                sources[(name, 0)] = bit
-    return sources, owners, live
+from .dependence import write_targets
 
 
 def prune_optimizer_state(ir: IR, plan: Plan) -> IR:
     if not any(vf.full for vf in plan.freezes):
         return ir
-    sources, owners, live = gradient_sources(plan, ir)
-    dep = Dependence(ir, sources)
+    fully_frozen = {vf.variable.placeholder for vf in plan.freezes if vf.full}
+    live = 0
+    for bit, var in plan.gradient_owner.items():
+        if var is None or var.placeholder not in fully_frozen:
+            live |= bit
     frozen = {vf.variable.placeholder for vf in plan.freezes}
-    dead_resources = {r: bits for r, bits in dep.resource_bits.items()
-                      if bits and not bits & live and r not in frozen}
-    if not dead_resources:
+    dead = {r: bits for r, bits in plan.dependence.resource_bits.items()
+            if bits and not bits & live and r not in frozen}
+    if not dead:
         return ir
-    doomed = [n for n in dep.order if opkinds.is_write(ir.op(n))
-              and set(write_targets(ir, n, dep.inputs[n])) & dead_resources.keys()]
+    doomed = [n for n, op in ir.graph.nodes(data="op") if opkinds.is_write(op)
+              and set(write_targets(ir, n, ir.inputs(n))) & dead.keys()]
     by_placeholder = plan.capture.variable_by_placeholder
-    for r, bits in dead_resources.items():
+    for r, bits in dead.items():
         var = by_placeholder.get(r)
-        path = var.path if var is not None else r
-        plan.notes.pruned_state[path] = [p for b, p in owners.items() if bits & b]
+        plan.notes.pruned_state[var.path if var is not None else r] = [
+            v.path for b, v in plan.gradient_owner.items() if bits & b and v is not None]
     plan.notes.removed_writes.extend(doomed)
     ir.remove_nodes(doomed)
     return ir

@@ -1,0 +1,61 @@
+"""Timing helpers shared by the benches: interleaved rounds, medians, a table, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def sync(value) -> None:
+    """Wait for a step's result so its time is really spent."""
+    for leaf in tf.nest.flatten(value):
+        if hasattr(leaf, "numpy"):
+            leaf.numpy()
+
+
+def interleaved(runners: dict[str, Callable[[], object]], *, rounds: int, steps: int,
+                warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each runner, alternating runners round by round."""
+    for run in runners.values():
+        for _ in range(warmup):
+            sync(run())
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = run()
+            sync(out)
+            samples[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([title, fmt(header), fmt(tuple("-" * w for w in widths)),
+                      *[fmt(r) for r in rows]])
+
+
+def machine() -> dict[str, object]:
+    return {"python": sys.version.split()[0], "tensorflow": tf.__version__,
+            "platform": platform.platform(), "cpus": os.cpu_count()}
+
+
+def write_json(name: str, payload: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), **payload}, f, indent=2)
+    return path
