@@ -31,19 +31,6 @@ def deep_mlp(width=1024, depth=8, classes=10, seed=0):
     return keras.Sequential(layers)
 
 
-def train_step_for(model, optimizer):
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    return train_step
-
-
 def bench_step_time(rounds: int, steps: int, width: int, batch: int) -> dict:
     frozen = [f"hidden{i + 1}" for i in range(6)]
     x = np.random.default_rng(0).normal(size=(batch, width)).astype("float32")
@@ -58,13 +45,13 @@ def bench_step_time(rounds: int, steps: int, width: int, batch: int) -> dict:
     full.set_weights(base.get_weights())
 
     gf_step = gf.freeze(*[f"{n}/*" for n in frozen])(
-        tf.function(train_step_for(base, keras.optimizers.AdamW(1e-3))))
+        tf.function(common.train_step(base, keras.optimizers.AdamW(1e-3))))
     runners = {
         "graphfreeze": lambda: gf_step(x, y),
         "keras trainable=False": (lambda s: lambda: s(x, y))(
-            tf.function(train_step_for(keras_frozen, keras.optimizers.AdamW(1e-3)))),
+            tf.function(common.train_step(keras_frozen, keras.optimizers.AdamW(1e-3)))),
         "train everything": (lambda s: lambda: s(x, y))(
-            tf.function(train_step_for(full, keras.optimizers.AdamW(1e-3)))),
+            tf.function(common.train_step(full, keras.optimizers.AdamW(1e-3)))),
     }
     times = interleaved_times = common.interleaved(runners, rounds=rounds, steps=steps)
     ref = times["keras trainable=False"]
@@ -80,7 +67,7 @@ def bench_step_time(rounds: int, steps: int, width: int, batch: int) -> dict:
 def bench_rewrite_time(repeats: int, image: int) -> dict:
     model = keras.applications.ResNet50(weights=None, input_shape=(image, image, 3), classes=10)
     optimizer = keras.optimizers.Adam(1e-3)
-    step = train_step_for(model, optimizer)
+    step = common.train_step(model, optimizer, keras.losses.SparseCategoricalCrossentropy())
     x = np.random.default_rng(0).normal(size=(2, image, image, 3)).astype("float32")
     y = np.array([1, 2], dtype="int32")
     tf.function(step)(x, y)  # build the optimizer's variables once

@@ -41,6 +41,21 @@ def interleaved(runners: dict[str, Callable[[], object]], *, rounds: int, steps:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def train_step(model, optimizer, loss_fn=None):
+    """The canonical custom training step every bench variant runs (plain Python)."""
+    import keras
+    loss_fn = loss_fn or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return step
+
+
 def table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731

@@ -2,5 +2,8 @@
 ``graphfreeze demo``. Each prints its freeze report and checks its own claim."""
 
 SCENARIOS = [
+    "seed000_grow_layer",
     "seed001_reuse_lower_layers",
+    "seed002_fixed_embedding_rows",
+    "seed004_keep_output_constant",
 ]

@@ -15,12 +15,12 @@ import tensorflow as tf
 
 from .capture import trace
 from .emit import emit
+from .errors import RuleError
 from .ir import IR
 from .passes import run_pipeline
 from .passes.dependence import analyze, optimizer_state
 from .plan import Plan
 from .rewritten import Rewritten
-from .errors import RuleError
 from .rules import Rule, RuleLike, as_rule, resolve
 from .variables import module_variables
 

@@ -13,8 +13,9 @@ import contextlib
 import functools
 import inspect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -22,8 +23,7 @@ from tensorflow.python.eager import backprop
 from tensorflow.python.eager.polymorphic_function import function_type_utils
 
 from .errors import CaptureError
-from .variables import VariableInfo, is_keras_variable, module_variables, resource_variable, \
-    variable_path
+from .variables import VariableInfo, is_keras_variable, module_variables, resource_variable, variable_path
 
 MARKER_NAME = "graphfreeze_grad"
 _TRACE_LOCK = threading.RLock()
@@ -160,9 +160,11 @@ def _reachable_objects(fn: Callable) -> list[Any]:
     return out
 
 
-def _discover(objects: list[Any]) -> tuple[dict[int, Any], set[int]]:
-    """Keras variables by id of their tf.Variable, and ids of optimizer-owned variables."""
+def _discover(objects: list[Any]) -> tuple[dict[int, Any], set[int], list[tf.Variable]]:
+    """Keras variables by id of their tf.Variable, ids of optimizer-owned variables, and
+    every tf.Variable found (to map handles used without a Python-level read)."""
     keras_by_tf: dict[int, Any] = {}
+    plain: list[tf.Variable] = []
     optimizer_ids: set[int] = set()
     opt_cls = _keras_optimizer_class()
     pending = list(objects)
@@ -174,6 +176,10 @@ def _discover(objects: list[Any]) -> tuple[dict[int, Any], set[int]]:
         seen.add(id(obj))
         if is_keras_variable(obj):
             keras_by_tf.setdefault(id(obj._value), obj)
+            plain.append(obj._value)
+            continue
+        if isinstance(obj, tf.Variable):
+            plain.append(obj)
             continue
         if opt_cls is not None and isinstance(obj, opt_cls):
             for v in obj.variables:
@@ -186,7 +192,7 @@ def _discover(objects: list[Any]) -> tuple[dict[int, Any], set[int]]:
             optimizer = getattr(obj, "optimizer", None)
             if optimizer is not None:
                 pending.append(optimizer)
-    return keras_by_tf, optimizer_ids
+    return keras_by_tf, optimizer_ids, plain
 
 
 # --------------------------------------------------------------------------- trace
@@ -221,9 +227,10 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
             raise CaptureError(f"tracing {name} failed with {type(e).__name__}: {e}") from e
     graph = cf.graph
 
-    keras_by_tf, optimizer_ids = _discover(
+    keras_by_tf, optimizer_ids, found = _discover(
         list(extra_objects) + _reachable_objects(py_fn) + [k for _, _, k in recorder.records])
-    tf_vars = {id(v.handle): v for v in graph.variables}
+    tf_vars = {id(v.handle): v for v in found}
+    tf_vars.update({id(v.handle): v for v in graph.variables})
     variables = []
     for external, internal in graph.captures:
         var = tf_vars.get(id(external))

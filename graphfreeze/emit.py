@@ -71,9 +71,9 @@ def emit(ir: IR, capture: Capture) -> Emitted:
     rewritten_step.__name__ = f"graphfreeze_{_identifier(capture.function_name)}"
     function = tf.function(rewritten_step, input_signature=signature,
                            jit_compile=capture.jit_compile, autograph=False)
-    emitted = Emitted(function, graph_def)
-    emitted.concrete_function  # trace now: failures surface at rewrite time, not first call
-    return emitted
+    # Trace now, so that failures surface at rewrite time rather than at the first call.
+    function.get_concrete_function()
+    return Emitted(function, graph_def)
 
 
 def _shape(capture: Capture, placeholder: str) -> Any:

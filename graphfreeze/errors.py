@@ -15,7 +15,7 @@ class FreezeError(Exception):
 
     >>> import graphfreeze as gf
     >>> try:
-    ...     gf.Rows("emb/embeddings", [-1])
+    ...     gf.Rows("emb/embeddings", "all")
     ... except gf.FreezeError as e:
     ...     print(type(e).__name__)
     RuleError

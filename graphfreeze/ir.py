@@ -285,15 +285,14 @@ class IR:
         g = self.graph
         ins = [(src, key, attrs) for src, _, key, attrs in g.in_edges(node, keys=True, data=True)
                if not attrs["control"]]
-        outs = [(dst, key, attrs) for _, dst, key, attrs in g.out_edges(node, keys=True, data=True)
-                if not attrs["control"]]
+        outs = [(dst, attrs) for _, dst, attrs in g.out_edges(node, data=True) if not attrs["control"]]
         for src, key, attrs in ins:
             g.remove_edge(src, node, key)
             k = attrs["dst_input"]
             if k in new_index:
                 g.add_edge(src, node, new_index[k], src_output=attrs["src_output"],
                            dst_input=new_index[k], control=False)
-        for dst, key, attrs in outs:
+        for dst, attrs in outs:
             if attrs["src_output"] not in new_index:
                 raise ValueError(f"{node}:{attrs['src_output']} is still used by {dst}")
             attrs["src_output"] = new_index[attrs["src_output"]]

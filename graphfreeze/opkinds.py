@@ -6,7 +6,7 @@ is refused by name (UnsupportedGraphError) instead of being guessed at.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from tensorflow.python.framework import op_def_registry
 
@@ -44,7 +44,7 @@ def is_write(op: str) -> bool:
             or op.startswith(FUSED_APPLY_PREFIXES))
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_stateful(op: str) -> bool:
     """Registry statefulness; an op the registry does not know (a library function called
     as an op) is assumed stateful, so it is never deleted as dead code."""

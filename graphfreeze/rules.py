@@ -4,7 +4,8 @@ Rules apply in order, entry by entry: a later rule overrides an earlier one wher
 overlap, so ``["encoder/*", Unfreeze(Rows("encoder/embeddings", new_ids))]`` freezes the
 encoder except the new embedding rows.
 
-Index conventions (documented in the README):
+Index conventions (documented in the README; checked against each matched variable, so
+errors name the variable, its shape and the offending value):
   * explicit indices must be non-negative and distinct; negative indices are refused
     because a rule written against one shape must not silently move to another row when a
     layer grows (seed 000), and duplicates usually mean the index list was built wrongly;
@@ -81,7 +82,7 @@ def _closest_paths(pattern: str, paths: Sequence[str], n: int = 3) -> list[str]:
     return out[:n]
 
 
-def match_target(target: Target, variables: Sequence[VariableInfo], rule: "Rule") -> list[VariableInfo]:
+def match_target(target: Target, variables: Sequence[VariableInfo], rule: Rule) -> list[VariableInfo]:
     """The variables `target` designates among those the function reads; never empty."""
     if isinstance(target, str):
         # Optimizer state is graphfreeze's business: "*" must not freeze Adam's iteration.
@@ -112,15 +113,18 @@ def match_target(target: Target, variables: Sequence[VariableInfo], rule: "Rule"
 # --------------------------------------------------------------------------- indices
 
 
-def _axis_selection(indices: Any, length: int, rule: "Rule", var: VariableInfo, axis: int) -> np.ndarray:
-    """A boolean vector of `length` from ints, a range, a slice, a list or an array."""
-    where = f"rule {rule.describe()} on {var.path!r} (shape {list(var.shape)}, axis {axis})"
+def _where(rule: Rule, var: VariableInfo) -> str:
+    return f"rule {rule.describe()} on {var.path!r} (shape {list(var.shape)})"
+
+
+def _axis_selection(indices: Any, length: int, rule: Rule, var: VariableInfo, axis: int) -> np.ndarray:
+    """A boolean vector of `length` from a slice, a range, a list or an array of indices."""
+    where = f"{_where(rule, var)}, axis {axis} of length {length}"
     if isinstance(indices, slice):
         sel = np.zeros(length, dtype=bool)
         sel[indices] = True
         return sel
-    arr = np.asarray(list(indices) if isinstance(indices, (range, Iterable)) and
-                     not isinstance(indices, np.ndarray) else indices)
+    arr = np.asarray(list(indices) if isinstance(indices, range) else indices)
     if arr.dtype == bool:
         if arr.shape != (length,):
             raise RuleError(f"{where}: boolean selection has shape {list(arr.shape)}, expected "
@@ -130,13 +134,15 @@ def _axis_selection(indices: Any, length: int, rule: "Rule", var: VariableInfo, 
     if arr.size == 0:
         return sel
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise RuleError(f"{where}: indices must be a 1-D collection of integers, got "
+        raise RuleError(f"{where}: indices must be a 1-D collection of integers, got a "
                         f"{arr.dtype} array of shape {list(arr.shape)}.")
-    bad = arr[(arr < 0) | (arr >= length)]
-    if bad.size:
-        kind = "negative index" if bad[0] < 0 else "index out of range"
-        raise RuleError(f"{where}: {kind} {int(bad[0])}; valid indices are 0..{length - 1} "
-                        "(negative indices are refused; use a slice for 'the last k').")
+    if (arr < 0).any():
+        raise RuleError(f"{where}: negative index {int(arr[arr < 0][0])}; graphfreeze refuses "
+                        "negative indices (a rule must not move when a layer grows); a slice such "
+                        "as slice(-k, None) says 'the last k'.")
+    if (arr >= length).any():
+        raise RuleError(f"{where}: index {int(arr[arr >= length][0])} is out of range; valid "
+                        f"indices are 0..{length - 1}.")
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
         raise RuleError(f"{where}: duplicate index {int(uniq[counts > 1][0])}; pass each index "
@@ -145,7 +151,11 @@ def _axis_selection(indices: Any, length: int, rule: "Rule", var: VariableInfo, 
     return sel
 
 
-def _validate_indices(indices: Any, rule_name: str) -> Any:
+def _check_indices_type(indices: Any, rule_name: str) -> Any:
+    """Early type check; values are checked against each variable at resolution."""
+    if isinstance(indices, (bool, np.bool_)):
+        raise RuleError(f"{rule_name}: indices must be integers, a range, a slice or an array, "
+                        f"got {indices!r}.")
     if isinstance(indices, (int, np.integer)):
         return [int(indices)]
     if isinstance(indices, (slice, range, np.ndarray)):
@@ -154,15 +164,9 @@ def _validate_indices(indices: Any, rule_name: str) -> Any:
         raise RuleError(f"{rule_name}: indices must be an int, range, slice, list or numpy array, "
                         f"got {type(indices).__name__} {indices!r}.")
     items = list(indices)
-    for i in items:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise RuleError(f"{rule_name}: index {i!r} is not an integer.")
-        if i < 0:
-            raise RuleError(f"{rule_name}: negative index {i}; graphfreeze refuses negative "
-                            "indices (a slice such as slice(-k, None) says 'the last k').")
-    if len(set(int(i) for i in items)) != len(items):
-        dup = next(i for i in items if items.count(i) > 1)
-        raise RuleError(f"{rule_name}: duplicate index {dup}; pass each index once.")
+    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+    if bad:
+        raise RuleError(f"{rule_name}: index {bad[0]!r} is not an integer.")
     return items
 
 
@@ -223,15 +227,16 @@ class _AxisRule(Rule):
 
     def __init__(self, target: Target, indices: Any):
         super().__init__(target)
-        self.indices = _validate_indices(indices, f"{type(self).__name__}({_describe_target(target)})")
+        self.indices = _check_indices_type(
+            indices, f"{type(self).__name__}({_describe_target(target)})")
 
     def _axis(self, var: VariableInfo) -> int:
         raise NotImplementedError
 
     def entries(self, var: VariableInfo) -> np.ndarray:
         if len(var.shape) == 0:
-            raise RuleError(f"rule {self.describe()} selects {self.axis_name} of {var.path!r}, "
-                            "a scalar; freeze the whole variable instead.")
+            raise RuleError(f"{_where(self, var)}: a scalar has no {self.axis_name}; freeze the "
+                            "whole variable instead.")
         axis = self._axis(var)
         sel = _axis_selection(self.indices, var.shape[axis], self, var, axis)
         view_shape = [1] * len(var.shape)
@@ -281,20 +286,20 @@ class Mask(Rule):
 
     def __init__(self, target: Target, mask: Any):
         super().__init__(target)
-        arr = np.asarray(mask)
-        if arr.dtype != bool:
-            raise RuleError(f"Mask({_describe_target(target)}): mask must be a boolean array "
-                            f"(True = frozen), got dtype {arr.dtype}; use np.asarray(m, bool) "
-                            "if that is what you mean.")
-        self.mask = arr.copy()
+        self.mask = np.array(mask)
 
     def entries(self, var: VariableInfo) -> np.ndarray:
+        if self.mask.dtype != bool:
+            raise RuleError(f"{_where(self, var)}: the mask has dtype {self.mask.dtype}; it must "
+                            "be boolean (True = frozen). Use np.asarray(m, bool) if that is meant.")
         if self.mask.shape != tuple(var.shape):
-            raise RuleError(f"rule {self.describe()} has shape {list(self.mask.shape)} but "
-                            f"variable {var.path!r} has shape {list(var.shape)}.")
+            raise RuleError(f"{_where(self, var)}: the mask has shape {list(self.mask.shape)}; "
+                            f"it must equal the variable's shape {list(var.shape)}.")
         return self.mask.copy()
 
     def describe(self) -> str:
+        if self.mask.dtype != bool:
+            return f"Mask({_describe_target(self.target)}, {self.mask.dtype} array)"
         return f"Mask({_describe_target(self.target)}, {int(self.mask.sum())} of " \
                f"{self.mask.size} entries)"
 

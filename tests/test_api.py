@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_close_models, batches, make_step, mlp, snapshot, twin
 
 import graphfreeze as gf
-from conftest import assert_close_models, batches, make_step, mlp, snapshot, twin
 
 DATA = batches(4, (8, 6), (8, 3))
 
@@ -124,7 +124,8 @@ def test_method_decorator():
     before = snapshot(t.model.get_layer("hidden1").variables)
     t.train_step(*DATA[0])
     t.train_step(*DATA[1])
-    assert all(np.array_equal(v, before[p]) for p, v in snapshot(t.model.get_layer("hidden1").variables).items())
+    after = snapshot(t.model.get_layer("hidden1").variables)
+    assert all(np.array_equal(v, before[p]) for p, v in after.items())
     assert t.train_step.cache_size == 1
 
 

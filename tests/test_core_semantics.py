@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import OPTIMIZERS, assert_close_models, batches, make_step, mlp, snapshot, twin
 
 import graphfreeze as gf
-from conftest import OPTIMIZERS, assert_close_models, batches, make_step, mlp, snapshot, twin
 
 FROZEN = ("hidden1", "hidden2")
 DATA = batches(12, (16, 6), (16, 3))
@@ -66,7 +66,7 @@ def _writes(graph):
 
 
 def _write_target(graph, node):
-    for src, _, key, data in graph.in_edges(node, keys=True, data=True):
+    for src, _, data in graph.in_edges(node, data=True):
         if not data["control"] and data["dst_input"] == 0:
             return src
     return None

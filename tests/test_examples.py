@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from graphfreeze.examples import SCENARIOS
 
 from graphfreeze import cli
-from graphfreeze.examples import SCENARIOS
 
 
 @pytest.mark.parametrize("name", SCENARIOS)

@@ -37,10 +37,10 @@ class Builder:
         self.after = max(preds, default=self.ir.graph.nodes[self.anchor]["order"] - 1.0)
         self.created: list[str] = []
 
-    def _add(self, suffix: str, op: str, inputs: list[Tensor], dtype: tf.DType, shape,
-             **attrs) -> Tensor:
+    def _add(self, suffix: str, op: str, inputs: list[Tensor], out_dtype: tf.DType, shape,
+             attrs: dict) -> Tensor:
         node = self.ir.add_node(f"{self.prefix}/{suffix}", op, inputs, attrs=attrs,
-                                dtypes=[dtype], shapes=[shape], device=self.device,
+                                dtypes=[out_dtype], shapes=[shape], device=self.device,
                                 after=self.after, inserted_by=self.pass_name)
         self.created.append(node)
         return (node, 0)
@@ -55,29 +55,25 @@ class Builder:
         self.created.append(tensor[0])
         return tensor
 
-    def mul(self, a: Tensor, b: Tensor, suffix: str = "mul") -> Tensor:
-        dtype = self.ir.dtype(a)
-        return self._add(suffix, "Mul", [a, b], dtype, _broadcast(self.ir.shape(a), self.ir.shape(b)),
-                         T=dtype)
+    def _elementwise(self, op: str, inputs: list[Tensor], suffix: str) -> Tensor:
+        """An op whose output has the dtype of its last input and the broadcast shape."""
+        dtype = self.ir.dtype(inputs[-1])
+        shape = self.ir.shape(inputs[0])
+        for t in inputs[1:]:
+            shape = _broadcast(shape, self.ir.shape(t))
+        return self._add(suffix, op, inputs, dtype, shape, {"T": dtype})
 
-    def sub(self, a: Tensor, b: Tensor, suffix: str = "sub") -> Tensor:
-        dtype = self.ir.dtype(a)
-        return self._add(suffix, "Sub", [a, b], dtype, _broadcast(self.ir.shape(a), self.ir.shape(b)),
-                         T=dtype)
+    def mul(self, a: Tensor, b: Tensor, suffix: str = "mul") -> Tensor:
+        return self._elementwise("Mul", [a, b], suffix)
 
     def add(self, a: Tensor, b: Tensor, suffix: str = "add") -> Tensor:
-        dtype = self.ir.dtype(a)
-        return self._add(suffix, "AddV2", [a, b], dtype,
-                         _broadcast(self.ir.shape(a), self.ir.shape(b)), T=dtype)
+        return self._elementwise("AddV2", [a, b], suffix)
 
     def select(self, cond: Tensor, a: Tensor, b: Tensor, suffix: str = "select") -> Tensor:
-        dtype = self.ir.dtype(a)
-        shape = _broadcast(_broadcast(self.ir.shape(cond), self.ir.shape(a)), self.ir.shape(b))
-        return self._add(suffix, "SelectV2", [cond, a, b], dtype, shape, T=dtype)
+        return self._elementwise("SelectV2", [cond, a, b], suffix)
 
     def stop_gradient(self, x: Tensor, suffix: str = "stop_gradient") -> Tensor:
-        dtype = self.ir.dtype(x)
-        return self._add(suffix, "StopGradient", [x], dtype, self.ir.shape(x), T=dtype)
+        return self._elementwise("StopGradient", [x], suffix)
 
     def gather_rows(self, params: Tensor, indices: Tensor, suffix: str = "gather") -> Tensor:
         dtype, idx_dtype = self.ir.dtype(params), self.ir.dtype(indices)
@@ -85,29 +81,29 @@ class Builder:
         p_shape, i_shape = self.ir.shape(params), self.ir.shape(indices)
         shape = None if p_shape is None or i_shape is None else tuple(i_shape) + tuple(p_shape[1:])
         return self._add(suffix, "GatherV2", [params, indices, axis], dtype, shape,
-                         Tparams=dtype, Tindices=idx_dtype, Taxis=tf.int32, batch_dims=0)
+                         {"Tparams": dtype, "Tindices": idx_dtype, "Taxis": tf.int32, "batch_dims": 0})
 
     def gather_nd(self, params: Tensor, indices: Tensor, suffix: str = "gather_nd") -> Tensor:
         dtype, idx_dtype = self.ir.dtype(params), self.ir.dtype(indices)
         return self._add(suffix, "GatherNd", [params, indices], dtype, None,
-                         Tparams=dtype, Tindices=idx_dtype)
+                         {"Tparams": dtype, "Tindices": idx_dtype})
 
     def read(self, resource: Tensor, dtype: tf.DType, shape, suffix: str = "read") -> Tensor:
-        return self._add(suffix, "ReadVariableOp", [resource], dtype, shape, dtype=dtype)
+        return self._add(suffix, "ReadVariableOp", [resource], dtype, shape, {"dtype": dtype})
 
     def resource_gather(self, resource: Tensor, indices: Tensor, dtype: tf.DType,
                         suffix: str = "read_rows", *, nd: bool = False) -> Tensor:
         if nd:
             return self._add(suffix, "ResourceGatherNd", [resource, indices], dtype, None,
-                             dtype=dtype, Tindices=self.ir.dtype(indices))
+                             {"dtype": dtype, "Tindices": self.ir.dtype(indices)})
         return self._add(suffix, "ResourceGather", [resource, indices], dtype, None,
-                         dtype=dtype, Tindices=self.ir.dtype(indices), batch_dims=0,
-                         validate_indices=True)
+                         {"dtype": dtype, "Tindices": self.ir.dtype(indices), "batch_dims": 0,
+                          "validate_indices": True})
 
     def fill(self, dims: Tensor, value: Tensor, shape, suffix: str = "zeros") -> Tensor:
         dtype = self.ir.dtype(value)
-        return self._add(suffix, "Fill", [dims, value], dtype, shape, T=dtype,
-                         index_type=self.ir.dtype(dims))
+        return self._add(suffix, "Fill", [dims, value], dtype, shape,
+                         {"T": dtype, "index_type": self.ir.dtype(dims)})
 
     def zeros(self, shape: tuple, dtype: tf.DType, suffix: str = "zeros") -> Tensor:
         dims = self.const(f"{suffix}_shape", np.asarray(shape, dtype=np.int32), tf.int32)
@@ -118,10 +114,10 @@ class Builder:
                    suffix: str = "zeros") -> Tensor:
         """Zeros of shape [len(indices), *row_shape] without touching the sparse values."""
         n = self._add(f"{suffix}_n", "Shape", [indices], tf.int32, (1,),
-                      T=self.ir.dtype(indices), out_type=tf.int32)
+                      {"T": self.ir.dtype(indices), "out_type": tf.int32})
         rest = self.const(f"{suffix}_row_shape", np.asarray(row_shape, dtype=np.int32), tf.int32)
         axis = self.const(f"{suffix}_axis", 0, tf.int32)
         dims = self._add(f"{suffix}_dims", "ConcatV2", [n, rest, axis], tf.int32,
-                         (1 + len(row_shape),), N=2, T=tf.int32, Tidx=tf.int32)
+                         (1 + len(row_shape),), {"N": 2, "T": tf.int32, "Tidx": tf.int32})
         value = self.const(f"{suffix}_value", np.zeros((), dtype=dtype.as_numpy_dtype), dtype)
         return self.fill(dims, value, (None,) + tuple(row_shape), suffix)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from .. import opkinds
 from ..errors import UnsupportedGraphError
 from ..ir import IR
-from .. import opkinds
 
 
 def resource_uses(ir: IR, placeholder: str) -> list[tuple[str, int]]:

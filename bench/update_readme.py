@@ -1,0 +1,79 @@
+"""Rewrite the README's bench tables from bench/results/*.json (between <!-- bench:NAME -->
+markers), so the figures in the README are always the ones the benches last produced.
+
+    python bench/update_readme.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, "..", "README.md")
+
+
+def _load(name: str) -> dict | None:
+    path = os.path.join(HERE, "results", f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _rows(times: dict, ratios: dict, ratio_name: str) -> str:
+    lines = [f"| variant | ms/step | × {ratio_name} |", "|---|---|---|"]
+    lines += [f"| {k} | {v * 1e3:.1f} | {ratios[k]:.2f} |" for k, v in times.items()]
+    return "\n".join(lines)
+
+
+def core(d: dict) -> str:
+    st, rt, c = d["step_time"], d["rewrite_time"], d["step_time"]["config"]
+    return (f"Deep MLP, {c['depth']} hidden layers of {c['width']}, batch {c['batch']}, "
+            f"{c['optimizer']}, the {c['frozen']} lowest layers frozen (median of {c['rounds']} "
+            f"rounds × {c['steps_per_round']} steps):\n\n"
+            + _rows(st["seconds_per_step"], st["ratio_vs_keras_trainable_false"],
+                    "Keras `trainable=False`")
+            + f"\n\n`gf.rewrite` of a ResNet50 train step ({rt['config']['model']}, "
+              f"{rt['graph_nodes']:,} nodes; backbone frozen, head trains → "
+              f"{rt['rewritten_nodes']:,} nodes): **{rt['gf_rewrite_s']:.2f} s against "
+              f"{rt['plain_trace_s']:.2f} s for one plain trace of the same step "
+              f"({rt['ratio']:.2f}×)**, tracing included (median of {rt['config']['repeats']}).")
+
+
+def partial(d: dict) -> str:
+    c = d["config"]
+    return (f"Grow case: {c['depth']} hidden layers of {c['old_units']}+{c['new_units']} units, "
+            f"the old units frozen by `Columns`/`Rows` rules ({c['frozen_parameters']:,} of "
+            f"{c['parameters']:,} parameters), batch {c['batch']}, {c['optimizer']} (median of "
+            f"{c['rounds']} rounds × {c['steps_per_round']} steps):\n\n"
+            + _rows(d["seconds_per_step"], d["ratio_vs_mask_trick"], "seed-002 mask trick"))
+
+
+SECTIONS = {"core": core, "partial": partial}
+
+
+def main() -> int:
+    with open(README) as f:
+        text = f.read()
+    for name, render in SECTIONS.items():
+        data = _load(name)
+        if data is None:
+            continue
+        block = (f"<!-- bench:{name} -->\n{render(data)}\n\n"
+                 f"Produced by `{data['command'].strip()}` on {data['machine']['platform']}, "
+                 f"{data['machine']['cpus']} CPUs, TensorFlow {data['machine']['tensorflow']}.\n"
+                 f"<!-- /bench:{name} -->")
+        text, n = re.subn(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", block, text,
+                          flags=re.S)
+        if n == 0:
+            print(f"README has no <!-- bench:{name} --> section", file=sys.stderr)
+    with open(README, "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Writes that Keras 3 does not emit but TensorFlow code does: fused ResourceApply*
+kernels, every scatter kind, and ops the passes do not know (issues 2 and 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphfreeze as gf
+
+X = np.linspace(-1, 1, 12, dtype="float32").reshape(4, 3)
+
+
+def _variables():
+    rng = np.random.default_rng(0)
+    return (tf.Variable(rng.normal(size=(3, 5)).astype("float32"), name="w"),
+            tf.Variable(rng.normal(size=(5,)).astype("float32"), name="b"),
+            tf.Variable(np.zeros((3, 5), "float32"), name="w_accum"))
+
+
+def test_fused_apply_ops_are_removed_for_whole_variables():
+    w, b, accum = _variables()
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.tanh(x @ w + b) ** 2)
+        gw, gb = tape.gradient(loss, [w, b])
+        tf.raw_ops.ResourceApplyMomentum(var=w.handle, accum=accum.handle, lr=0.1, grad=gw,
+                                         momentum=0.9)
+        tf.raw_ops.ResourceApplyGradientDescent(var=b.handle, alpha=0.1, delta=gb)
+        return loss
+
+    rw = gf.rewrite(step, ["w"], X)
+    before_w, before_b, before_acc = w.numpy().copy(), b.numpy().copy(), accum.numpy().copy()
+    for _ in range(3):
+        rw(X)
+    assert np.array_equal(w.numpy(), before_w)
+    assert np.array_equal(accum.numpy(), before_acc)  # the fused op owned it: untouched
+    assert not np.array_equal(b.numpy(), before_b)
+    assert not [n for n, op in rw.graph.nodes(data="op") if op == "ResourceApplyMomentum"]
+
+
+def test_partial_freeze_of_fused_write_is_refused_by_name():
+    w, b, accum = _variables()
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(x @ w)
+        gw = tape.gradient(loss, w)
+        tf.raw_ops.ResourceApplyMomentum(var=w.handle, accum=accum.handle, lr=0.1, grad=gw,
+                                         momentum=0.9)
+        return loss
+
+    before = w.numpy().copy()
+    with pytest.raises(gf.UnsupportedGraphError, match="ResourceApplyMomentum.*'w'.*partly frozen"):
+        gf.rewrite(step, [gf.Rows("w", [0])], X)
+    assert np.array_equal(w.numpy(), before)
+
+
+@pytest.mark.parametrize("kind", ["update", "max", "mul", "div", "add", "sub", "min"])
+def test_scatter_guards(kind):
+    table = tf.Variable(np.arange(1, 25, dtype="float32").reshape(6, 4), name="table")
+    ids = tf.constant([0, 2, 3, 5])
+    updates = tf.constant(np.full((4, 4), 7.5, "float32"))
+    op = {"update": tf.raw_ops.ResourceScatterUpdate, "max": tf.raw_ops.ResourceScatterMax,
+          "min": tf.raw_ops.ResourceScatterMin, "mul": tf.raw_ops.ResourceScatterMul,
+          "div": tf.raw_ops.ResourceScatterDiv, "add": tf.raw_ops.ResourceScatterAdd,
+          "sub": tf.raw_ops.ResourceScatterSub}[kind]
+
+    def write(u):
+        op(resource=table.handle, indices=ids, updates=u)
+        return table.read_value()
+
+    frozen_rows = [2, 5]
+    rw = gf.rewrite(write, [gf.Rows("table", frozen_rows)], updates)
+    expected = table.numpy().copy()
+    rows = ids.numpy()
+    apply = {"update": lambda a, u: u, "max": np.maximum, "min": np.minimum,
+             "mul": np.multiply, "div": np.divide, "add": np.add, "sub": np.subtract}[kind]
+    for r, u in zip(rows, updates.numpy()):
+        if r not in frozen_rows:
+            expected[r] = apply(expected[r], u)
+    result = rw(updates).numpy()
+    np.testing.assert_allclose(result, expected, rtol=1e-6)
+    np.testing.assert_array_equal(table.numpy(), expected)
+
+
+@pytest.mark.parametrize("kind", ["update", "add"])
+def test_scatter_nd_guards(kind):
+    table = tf.Variable(np.arange(12, dtype="float32").reshape(3, 4), name="grid")
+    indices = tf.constant([[0, 1], [1, 1], [2, 3]])
+    updates = tf.constant([10.0, 20.0, 30.0])
+    op = tf.raw_ops.ResourceScatterNdUpdate if kind == "update" else tf.raw_ops.ResourceScatterNdAdd
+
+    def write(u):
+        op(ref=table.handle, indices=indices, updates=u)
+        return table.read_value()
+
+    frozen = np.zeros((3, 4), bool)
+    frozen[1, 1] = True
+    rw = gf.rewrite(write, [gf.Mask("grid", frozen)], updates)
+    expected = table.numpy().copy()
+    for (r, c), u in zip(indices.numpy(), updates.numpy()):
+        if not frozen[r, c]:
+            expected[r, c] = u if kind == "update" else expected[r, c] + u
+    np.testing.assert_array_equal(rw(updates).numpy(), expected)
+
+
+def test_unknown_op_on_frozen_resource_is_refused_by_name():
+    counter = tf.Variable(0, name="counter")
+    w = tf.Variable(1.0, name="w2")
+
+    def step():
+        tf.raw_ops.ResourceCountUpTo(resource=counter.handle, limit=10, T=tf.int32)
+        return w * 2.0
+
+    with pytest.raises(gf.UnsupportedGraphError, match="ResourceCountUpTo node") as e:
+        gf.rewrite(step, ["counter"])
+    assert "'counter'" in str(e.value)
+    assert int(counter.numpy()) == 0
