@@ -20,6 +20,7 @@ from .ir import IR
 from .passes import run_pipeline
 from .passes.dependence import analyze, optimizer_state
 from .plan import Plan
+from .program import Program
 from .rewritten import Rewritten
 from .rules import Rule, RuleLike, as_rule, resolve
 from .variables import module_variables
@@ -45,14 +46,17 @@ def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: A
     capture = trace(fn, example_args, example_kwargs,
                     extra_objects=[getattr(r, "target", None) for r in rule_list])
     with _gc_paused():
-        ir = IR.from_graph_def(capture.graph_def, capture.meta)
+        program = Program(IR.from_graph_def(capture.graph_def, capture.meta))
         variables = capture.variable_by_placeholder
-        dep, owners = analyze(ir, capture.markers, variables) if capture.training else (None, {})
-        if dep is not None:
+        plan = Plan(capture, [])
+        dep, owners = None, {}
+        if capture.training:
+            dep, owners = analyze(program, [(g, m) for g, m, _ in plan.marker_sites(program)],
+                                  variables)
             for p in optimizer_state(dep, owners, variables):
                 variables[p].optimizer_state = True
         plan = Plan(capture, resolve(rule_list, capture.variables), dep, owners)
-        rewritten = run_pipeline(ir, plan)
+        rewritten = run_pipeline(program, plan)
         return Rewritten(capture, plan, rewritten, emit(rewritten, capture))
 
 

@@ -37,6 +37,7 @@ class Marker:
     values: str                 # Identity over the dense gradient, or over IndexedSlices.values
     indices: str | None = None  # Identity over IndexedSlices.indices (sparse gradients only)
     dense_shape: str | None = None  # tensor name of IndexedSlices.dense_shape, if any
+    functions: frozenset[str] | None = None  # library functions holding it; None = the step
 
     @property
     def sparse(self) -> bool:
@@ -246,13 +247,15 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
         raise CaptureError(f"{name} reads no variable, so there is nothing to freeze; pass the "
                            "training step (or forward function) that uses the model.")
 
-    nested = [m for g, m, _ in recorder.records if g is not graph and _is_nested(g, graph)]
-    if nested:
-        from .errors import UnsupportedGraphError
-        raise UnsupportedGraphError(
-            f"{name} takes gradients inside a nested function or control-flow body "
-            f"(marker {nested[0].values!r}); graphfreeze does not rewrite gradients there yet.")
-    markers = [m for g, m, _ in recorder.records if g is graph]
+    names = _function_names(graph)
+    markers = []
+    for g, m, _ in recorder.records:
+        if g is graph:
+            markers.append(m)
+        elif _is_nested(g, graph):  # tape.gradient inside a body (e.g. a loop over steps)
+            m.functions = frozenset(names.get(id(g), ()))
+            markers.append(m)
+        # else: a discarded trace (tf.function retraces after creating variables)
 
     internal_ids = {id(i) for _, i in graph.captures}
     meta = {op.name: ([t.dtype.as_datatype_enum for t in op.outputs],
@@ -281,6 +284,23 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
 def _literals(bound: Any) -> list:
     leaves = tf.nest.flatten((bound.args, bound.kwargs), expand_composites=True)
     return [x for x in leaves if not isinstance(x, (tf.Tensor, tf.Variable, np.ndarray))]
+
+
+def _function_names(graph: Any) -> dict[int, set[str]]:
+    """id(FuncGraph) -> names of the library functions built from it, at any depth."""
+    out: dict[int, set[str]] = {}
+    pending, seen = [graph], set()
+    while pending:
+        g = pending.pop()
+        if id(g) in seen:
+            continue
+        seen.add(id(g))
+        for name, fn in getattr(g, "_functions", {}).items():
+            body = getattr(fn, "graph", None)
+            if body is not None:
+                out.setdefault(id(body), set()).add(name)
+                pending.append(body)
+    return out
 
 
 def _is_nested(inner: Any, outer: Any) -> bool:

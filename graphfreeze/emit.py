@@ -19,7 +19,7 @@ from typing import Any
 import tensorflow as tf
 
 from .capture import Capture
-from .ir import IR
+from .program import Program
 
 IMPORT_SCOPE = "rewritten"
 
@@ -34,10 +34,11 @@ class Emitted:
         return self.function.get_concrete_function()
 
 
-def emit(ir: IR, capture: Capture) -> Emitted:
+def emit(program: Program, capture: Capture) -> Emitted:
     user_inputs = list(capture.input_placeholders)
     fed = set(user_inputs) | set(capture.captured)
-    graph_def = ir.to_graph_def()
+    graph_def = program.to_graph_def()
+    _register_new_functions(graph_def, program)
     nodes = [n for n in graph_def.node if n.name not in fed]
     del graph_def.node[:]
     graph_def.node.extend(nodes)
@@ -74,6 +75,18 @@ def emit(ir: IR, capture: Capture) -> Emitted:
     # Trace now, so that failures surface at rewrite time rather than at the first call.
     function.get_concrete_function()
     return Emitted(function, graph_def)
+
+
+def _register_new_functions(graph_def: Any, program: Program) -> None:
+    """Bodies rewritten under fresh names must be known to the runtime before any call op
+    that names them runs (the importer only attaches them to the importing graph)."""
+    from tensorflow.python.eager import context
+
+    known = set(program.fdefs)
+    ctx = context.context()
+    for fdef in graph_def.library.function:  # registration does not resolve the calls a
+        if fdef.signature.name not in known:  # body makes, so the order does not matter
+            ctx.add_function_def(fdef)
 
 
 def _shape(capture: Capture, placeholder: str) -> Any:

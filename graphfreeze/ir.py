@@ -32,6 +32,7 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 Tensor = tuple[str, int]
 CTRL = "ctrl"
 _NO_ORDERING = frozenset({"Placeholder", "Const"})
+RETVAL = "_Retval"  # synthetic node standing for a function body's output k
 _DT_RESOURCE = tf.resource.as_datatype_enum
 
 
@@ -57,6 +58,18 @@ class IR:
         self.library = library
         self.versions = versions
         self._uid = itertools.count()
+        # For library function bodies (None for the traced function itself):
+        self.name: str | None = None         # the FunctionDef's name
+        self.args: list[str] = []            # argument placeholders, in signature order
+        self.fdef: Any = None                # the FunctionDef it was built from
+        self.changed = False                 # set by every edit; changed bodies get new names
+
+    @property
+    def rets(self) -> list[str]:
+        """Return nodes (op _Retval, attr index) of a function body, in output order."""
+        nodes = self.graph.nodes
+        found = [(nodes[n]["index"], n) for n, op in nodes(data="op") if op == RETVAL]
+        return [n for _, n in sorted(found)]
 
     # ------------------------------------------------------------------ conversion
 
@@ -85,11 +98,11 @@ class IR:
         lib.CopyFrom(graph_def.library)
         return cls(g, lib, graph_def.versions)
 
-    def to_graph_def(self) -> Any:
+    def to_graph_def(self, library: Any = None) -> Any:
         """A GraphDef in topological, program-preserving order."""
         out = graph_pb2.GraphDef()
         out.versions.CopyFrom(self.versions)
-        out.library.CopyFrom(self.library)
+        out.library.CopyFrom(self.library if library is None else library)
         present = self.graph
         for name in self.topological_order():
             nd = out.node.add()
@@ -124,6 +137,7 @@ class IR:
         # NodeDefs are never mutated in place (edits replace them), so sharing is safe.
         clone = IR(self.graph.copy(), self.library, self.versions)
         clone._uid = itertools.count(next(self._uid))
+        clone.name, clone.args, clone.fdef = self.name, list(self.args), self.fdef
         return clone
 
     # ------------------------------------------------------------------ queries
@@ -187,6 +201,7 @@ class IR:
                  shapes: Sequence[Any] = (), device: str = "", after: float | None = None,
                  inserted_by: str = "", control_inputs: Sequence[str] = ()) -> str:
         """Insert a node; returns its (uniquified) name. `after` is an order lower bound."""
+        self.changed = True
         base, name = name, name
         while name in self.graph:
             name = f"{base}_{next(self._uid)}"
@@ -216,6 +231,7 @@ class IR:
         return (node, 0)
 
     def set_input(self, node: str, index: int, tensor: Tensor) -> None:
+        self.changed = True
         self.graph.remove_edge(*self._data_edge(node, index))
         self.graph.add_edge(tensor[0], node, index, src_output=tensor[1], dst_input=index,
                             control=False)
@@ -229,6 +245,7 @@ class IR:
 
     def add_control_edge(self, src: str, dst: str) -> None:
         if not self.graph.has_edge(src, dst, CTRL):
+            self.changed = True
             self.graph.add_edge(src, dst, CTRL, control=True)
 
     def remove_nodes(self, names: Iterable[str]) -> None:
@@ -238,6 +255,9 @@ class IR:
         nearest surviving ancestors instead (placeholders and constants excepted).
         """
         doomed = set(names)
+        if not doomed:
+            return
+        self.changed = True
         g = self.graph
         memo: dict[str, frozenset[str]] = {}
 
@@ -272,6 +292,7 @@ class IR:
     def shrink_identity_n(self, node: str, keep: Sequence[int]) -> None:
         """Keep only outputs `keep` (and their matching inputs) of an IdentityN node."""
         keep = sorted(keep)
+        self.changed = True
         new_index = {old: new for new, old in enumerate(keep)}
         data = self.graph.nodes[node]
         nd = node_def_pb2.NodeDef()
@@ -296,6 +317,28 @@ class IR:
             if attrs["src_output"] not in new_index:
                 raise ValueError(f"{node}:{attrs['src_output']} is still used by {dst}")
             attrs["src_output"] = new_index[attrs["src_output"]]
+
+    def set_nodedef(self, node: str, nodedef: Any) -> None:
+        """Replace a node's NodeDef (never mutate the traced one: it is shared)."""
+        self.changed = True
+        self.graph.nodes[node]["nodedef"] = nodedef
+
+    def remove_inputs(self, node: str, indices: Sequence[int]) -> None:
+        """Drop some data inputs of `node`, renumbering the rest (attrs are the caller's job)."""
+        drop = set(indices)
+        self.changed = True
+        g = self.graph
+        ins = [(src, key, attrs) for src, _, key, attrs in g.in_edges(node, keys=True, data=True)
+               if not attrs["control"]]
+        kept = sorted(attrs["dst_input"] for _, _, attrs in ins if attrs["dst_input"] not in drop)
+        new_index = {old: new for new, old in enumerate(kept)}
+        for src, key, _ in ins:
+            g.remove_edge(src, node, key)
+        for src, _, attrs in ins:
+            k = attrs["dst_input"]
+            if k in new_index:
+                g.add_edge(src, node, new_index[k], src_output=attrs["src_output"],
+                           dst_input=new_index[k], control=False)
 
     def _data_edge(self, node: str, index: int) -> tuple[str, str, int]:
         for src, _, key, attrs in self.graph.in_edges(node, keys=True, data=True):

@@ -31,12 +31,34 @@ CALL_OPS = frozenset({
     "PartitionedCall", "StatefulPartitionedCall",
 })
 
+# Which attrs of a call op name the functions it calls, and where its inputs start in
+# their argument lists (If/Case take a predicate or branch index first).
+CALL_TARGETS = {
+    "If": (("then_branch", "else_branch"), 1), "StatelessIf": (("then_branch", "else_branch"), 1),
+    "While": (("body", "cond"), 0), "StatelessWhile": (("body", "cond"), 0),
+    "Case": (("branches",), 1), "StatelessCase": (("branches",), 1),
+    "PartitionedCall": (("f",), 0), "StatefulPartitionedCall": (("f",), 0),
+}
+LOOPS = frozenset({"While", "StatelessWhile"})
+
 # Full reductions and shape queries: gradient ownership does not flow through them, so a
 # frozen variable's zero gradient inside a global norm does not tie it to every other slot.
 REDUCTIONS = frozenset({"Sum", "Mean", "Max", "Min", "Prod", "All", "Any", "EuclideanNorm"})
 SCALAR_REDUCTIONS = frozenset({"L2Loss"})
 SHAPE_QUERIES = frozenset({"Shape", "ShapeN", "Size", "Rank", "VariableShape", "BroadcastArgs",
                            "BroadcastGradientArgs"})
+
+
+# Ops whose output is an entry-by-entry function of their inputs. Ownership (which
+# variable's state a value is, see passes/dependence.py) flows through these only.
+ELEMENTWISE = frozenset({
+    "Identity", "StopGradient", "PreventGradient", "Cast", "Neg", "Abs", "Square", "Sqrt",
+    "Rsqrt", "Reciprocal", "Exp", "Log", "Log1p", "Sign", "Tanh", "Sigmoid", "Relu", "Floor",
+    "Ceil", "Round", "Mul", "MulNoNan", "AddV2", "Add", "Sub", "RealDiv", "Div", "DivNoNan",
+    "Maximum", "Minimum", "Pow", "SquaredDifference", "SelectV2", "Select", "ClipByValue",
+    "Xdivy", "Xlogy", "IsFinite", "LogicalAnd", "LogicalOr", "LogicalNot", "Less", "Greater",
+    "LessEqual", "GreaterEqual", "Equal", "NotEqual", "Atan2", "FloorDiv", "FloorMod",
+})
 
 
 def is_write(op: str) -> bool:
@@ -50,6 +72,27 @@ def is_stateful(op: str) -> bool:
     as an op) is assumed stateful, so it is never deleted as dead code."""
     op_def = op_def_registry.get(op)
     return op_def is None or bool(op_def.is_stateful)
+
+
+def output_arg_names(nodedef, signatures: dict) -> list[str]:
+    """FunctionDef names ("arg:k") of each flat output of a node, in output order.
+
+    `signatures` maps library function names to their OpDef-like signatures, for nodes that
+    call a library function directly by op type.
+    """
+    op_def = signatures.get(nodedef.op) or op_def_registry.get(nodedef.op)
+    if op_def is None:
+        raise KeyError(nodedef.op)
+    names = []
+    for arg in op_def.output_arg:
+        if arg.number_attr:
+            count = nodedef.attr[arg.number_attr].i
+        elif arg.type_list_attr:
+            count = len(nodedef.attr[arg.type_list_attr].list.type)
+        else:
+            count = 1
+        names.extend(f"{arg.name}:{k}" for k in range(count))
+    return names
 
 
 def has_side_effect(op: str) -> bool:

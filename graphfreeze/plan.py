@@ -30,11 +30,13 @@ class Plan:
     capture: Capture
     freezes: list[VariableFreeze]
     dependence: Any = None                  # passes.dependence.Dependence of the trace
-    gradient_owner: dict[int, VariableInfo | None] = field(default_factory=dict)  # bit -> var
+    gradient_owner: dict[int, VariableInfo] = field(default_factory=dict)  # index -> variable
+    batchnorm_inference: bool = False       # run fully frozen BatchNorm in inference mode
     notes: Notes = field(default_factory=Notes)
 
     def __post_init__(self) -> None:
         self._by_placeholder = {vf.variable.placeholder: vf for vf in self.freezes}
+        self._sites: list | None = None
 
     @property
     def training(self) -> bool:
@@ -43,6 +45,15 @@ class Plan:
     def freeze_of(self, placeholder: str) -> VariableFreeze | None:
         return self._by_placeholder.get(placeholder)
 
-    def markers(self) -> list[tuple[Marker, VariableInfo]]:
-        by_var = {id(v.variable): v for v in self.capture.variables}
-        return [(m, by_var[id(m.variable)]) for m in self.capture.markers if id(m.variable) in by_var]
+    def marker_sites(self, program: Any) -> list[tuple[Any, Marker, VariableInfo]]:
+        """(graph, marker, variable) for every gradient marker, in the step or in a body."""
+        if self._sites is None:
+            by_var = {id(v.variable): v for v in self.capture.variables}
+            sites = []
+            for m in self.capture.markers:
+                var = by_var.get(id(m.variable))
+                graphs = [program.main] if m.functions is None else \
+                    [program.bodies[n] for n in sorted(m.functions) if n in program.bodies]
+                sites.extend((g, m, var) for g in graphs if var is not None and m.values in g)
+            self._sites = sites
+        return self._sites

@@ -11,6 +11,7 @@ from .emit import Emitted
 from .errors import FreezeError
 from .ir import IR
 from .plan import Plan
+from .program import Program
 from .report import Report, build_report
 
 
@@ -24,10 +25,11 @@ class Rewritten:
     >>> print(rw.report())                                   # doctest: +SKIP
     """
 
-    def __init__(self, capture: Capture, plan: Plan, rewritten: IR, emitted: Emitted):
+    def __init__(self, capture: Capture, plan: Plan, rewritten: Program, emitted: Emitted):
         self._capture = capture
         self.plan = plan
-        self._ir = rewritten
+        self.program = rewritten
+        self._ir = rewritten.main
         self._emitted = emitted
         self._original_view: nx.MultiDiGraph | None = None
 
@@ -68,9 +70,11 @@ class Rewritten:
     def original_graph(self) -> nx.MultiDiGraph:
         """The traced graph before any pass, without graphfreeze's gradient markers."""
         if self._original_view is None:
-            from .passes.strip_markers import strip_markers
+            from .passes.strip_markers import remove_markers
             traced = IR.from_graph_def(self._capture.graph_def, self._capture.meta)
-            self._original_view = strip_markers(traced, self.plan).graph
+            remove_markers(traced, [n for m in self._capture.markers if m.functions is None
+                                    for n in (m.values, m.indices)])
+            self._original_view = traced.graph
         return self._original_view
 
     @property
@@ -79,7 +83,8 @@ class Rewritten:
 
     @property
     def graph_def(self) -> Any:
-        return self._ir.to_graph_def()
+        """The rewritten GraphDef, with changed library functions under fresh names."""
+        return self._emitted.graph_def
 
     def report(self) -> Report:
         """What is frozen, by which rule, and how many ops the rewrite removed."""

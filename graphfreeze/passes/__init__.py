@@ -1,15 +1,16 @@
 """The rewrite passes and the one place that orders them.
 
-A pass is a plain function ``(ir, plan) -> ir``; it may edit the IR it is given (the
-pipeline hands it a private copy) and records what it did in ``plan.notes``.
+A pass is a plain function ``(program, plan) -> program``: it edits the traced step and the
+bodies it calls (see graphfreeze/program.py) in place and records what it did in
+``plan.notes``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ..ir import IR
 from ..plan import Plan
+from ..program import Program
 from .dead_code import eliminate_dead_code
 from .guard_writes import guard_writes
 from .mask_gradients import mask_gradients
@@ -17,7 +18,7 @@ from .prune_optimizer_state import prune_optimizer_state
 from .stop_frozen_reads import stop_frozen_reads
 from .strip_markers import strip_markers
 
-Pass = Callable[[IR, Plan], IR]
+Pass = Callable[[Program, Plan], Program]
 
 #: A training step: gradients masked at their source, writes guarded, frozen work removed.
 TRAINING_PIPELINE: Sequence[Pass] = (
@@ -37,11 +38,12 @@ FORWARD_PIPELINE: Sequence[Pass] = (
 )
 
 
-def run_pipeline(ir: IR, plan: Plan) -> IR:
-    """Run the pipeline that fits the traced function; edits `ir` in place."""
+def run_pipeline(program: Program, plan: Plan) -> Program:
+    """Run the pipeline that fits the traced function; edits `program` in place."""
     for p in TRAINING_PIPELINE if plan.training else FORWARD_PIPELINE:
-        ir = p(ir, plan)
-    return ir
+        program = p(program, plan)
+    program.refresh_read_only_inputs()
+    return program
 
 
 __all__ = ["TRAINING_PIPELINE", "FORWARD_PIPELINE", "run_pipeline", "Pass"]

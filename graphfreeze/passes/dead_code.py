@@ -1,26 +1,52 @@
-"""Dead-code elimination over data edges, per tensor where it matters.
+"""Dead-code elimination, per graph and across calls.
 
-Roots are the function's outputs, its placeholders and every op with a side effect.
-Control edges do not keep a node alive: in a traced step they only order side effects
-(which are roots anyway) and reads (which matter only if their value is used).
+Roots are the outputs (of the step, or `_Retval` nodes of a body), placeholders, and every
+op with a side effect. Control edges do not keep a node alive: in a traced step they only
+order side effects (roots anyway) and reads (which matter only if their value is used).
 `IR.remove_nodes` keeps the ordering that removed nodes imposed on survivors.
 
 Keras passes all gradients through one IdentityN; node-level liveness would keep every
 frozen gradient alive through it. In a training step (which nobody differentiates) an
-IdentityN is therefore live per output, and unused outputs are cut off it. In a forward
-function it may carry a custom gradient, so it is left whole.
+IdentityN is live per output and unused outputs are cut off it. In a forward function it
+may carry a custom gradient, so it is left whole.
+
+Across calls: an argument that no callee of an If/Case/PartitionedCall uses any more (a
+frozen gradient passed into a loss-scaling or accumulation branch) is removed from the
+call and from the bodies, so its producers die too. Loop arguments are left alone.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+from tensorflow.core.framework import function_pb2, node_def_pb2
+
 from .. import opkinds
 from ..ir import IR, Tensor
 from ..plan import Plan
+from ..program import Program
 
 
-def eliminate_dead_code(ir: IR, plan: Plan) -> IR:
+def eliminate_dead_code(program: Program, plan: Plan) -> Program:
+    while True:
+        for ir in program.graphs():
+            _eliminate(ir, plan, program)
+        if not _prune_call_arguments(program):
+            return program
+
+
+def _roots(ir: IR, plan: Plan, program: Program) -> set[str]:
+    g = ir.graph
+    if ir is program.main:
+        roots = {t.rpartition(":")[0] for t in plan.capture.output_tensors}
+    else:
+        roots = set(ir.rets)
+    roots.update(n for n, op in g.nodes(data="op")
+                 if op == "Placeholder" or opkinds.has_side_effect(op))
+    return roots
+
+
+def _eliminate(ir: IR, plan: Plan, program: Program) -> None:
     g = ir.graph
     per_output = plan.training
     live: set[str] = set()
@@ -39,23 +65,78 @@ def eliminate_dead_code(ir: IR, plan: Plan) -> IR:
             live.add(node)
             stack.append(node)
 
-    for t in plan.capture.output_tensors:
-        name, _, idx = t.rpartition(":")
-        use((name, int(idx)))
-    for n, op in g.nodes(data="op"):
-        if (op == "Placeholder" or opkinds.has_side_effect(op)) and n not in live:
-            live.add(n)
-            stack.append(n)
+    for root in _roots(ir, plan, program):
+        if ir is program.main and root not in live and g.nodes[root]["op"] == "IdentityN":
+            continue
+        if root not in live:
+            live.add(root)
+            stack.append(root)
+    if ir is program.main:
+        for t in plan.capture.output_tensors:
+            name, _, idx = t.rpartition(":")
+            use((name, int(idx)))
     while stack:
         node = stack.pop()
         for src, _, attrs in g.in_edges(node, data=True):
             if not attrs["control"]:
                 use((src, attrs["src_output"]))
-
     dead = [n for n in g.nodes if n not in live]
     plan.notes.dead_nodes += len(dead)
     ir.remove_nodes(dead)
     for node, outs in used.items():
         if len(outs) < len(g.nodes[node]["dtypes"]):
             ir.shrink_identity_n(node, outs)
-    return ir
+
+
+def _prune_call_arguments(program: Program) -> bool:
+    changed = False
+    for ir in program.graphs():
+        for node in program.call_nodes(ir):
+            op = ir.op(node)
+            if op in opkinds.LOOPS or op not in opkinds.CALL_TARGETS:
+                continue
+            callees = program.callees(ir, node)
+            if not callees or any(len(program.call_sites[c.name]) != 1 for c in callees):
+                continue
+            bodies = [program.bodies[c.name] for c in callees]
+            offset = callees[0].offset
+            n_args = len(ir.inputs(node)) - offset
+            unused = [i for i in range(n_args)
+                      if all(not b.consumers((b.args[i], 0)) for b in bodies)]
+            if not unused:
+                continue
+            for body in bodies:
+                _drop_arguments(body, unused)
+            ir.remove_inputs(node, [offset + i for i in unused])
+            nd = node_def_pb2.NodeDef()
+            nd.CopyFrom(ir.nodedef(node))
+            types = list(nd.attr["Tin"].list.type)
+            del nd.attr["Tin"].list.type[:]
+            nd.attr["Tin"].list.type.extend(t for i, t in enumerate(types) if i not in set(unused))
+            if "_read_only_resource_inputs" in nd.attr:  # recomputed at emission
+                del nd.attr["_read_only_resource_inputs"].list.i[:]
+            ir.set_nodedef(node, nd)
+            changed = True
+    return changed
+
+
+def _drop_arguments(body: IR, drop: list[int]) -> None:
+    gone = set(drop)
+    fdef = function_pb2.FunctionDef()
+    fdef.CopyFrom(body.fdef)
+    kept = [i for i in range(len(body.args)) if i not in gone]
+    args = list(fdef.signature.input_arg)
+    del fdef.signature.input_arg[:]
+    fdef.signature.input_arg.extend(args[i] for i in kept)
+    arg_attr = {i: body.fdef.arg_attr[i] for i in body.fdef.arg_attr}
+    unique_id = dict(body.fdef.resource_arg_unique_id)
+    fdef.arg_attr.clear()
+    fdef.resource_arg_unique_id.clear()
+    for new, i in enumerate(kept):
+        if i in arg_attr:
+            fdef.arg_attr[new].CopyFrom(arg_attr[i])
+        if i in unique_id:
+            fdef.resource_arg_unique_id[new] = unique_id[i]
+    body.remove_nodes([body.args[i] for i in drop])
+    body.args = [body.args[i] for i in kept]
+    body.fdef = fdef

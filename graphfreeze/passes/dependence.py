@@ -1,21 +1,26 @@
-"""Which gradients each tensor derives from: per-tensor, ignoring control edges.
+"""What each tensor derives from, across the whole program (main graph and bodies).
 
-Each gradient marker gets a bit. A tensor's bits are the union of its data inputs' bits,
-with three refinements that make the answer mean "whose optimizer update is this part of":
+Every variable that has a gradient marker gets an index i and two bits:
 
-* output k of IdentityN depends on input k only (Keras funnels all gradients through one);
-* full reductions to a scalar and shape queries pass no bits on, so a frozen variable's
-  zero gradient inside a global norm or an all-finite check does not tie it to every
-  other variable's update;
-* reading a resource yields the bits of every value written to it (to a fixpoint), so a
-  slot read back after its update carries the gradient that produced it. Variables that
-  have a gradient of their own are the exception: their value is model state, and their
-  reads carry no bits. This also makes the bits of every surviving tensor the same before
-  and after the passes (which only delete writes and change what flows into markers), so
-  one analysis of the traced graph serves the whole pipeline.
+* gradient bit G_i: the tensor depends on variable i's gradient. It flows along data
+  edges, with refinements that make it mean "part of variable i's update":
+  output k of IdentityN depends on input k only (Keras funnels all gradients through one);
+  full reductions to a scalar and shape queries pass nothing on, so a zero gradient inside
+  a global norm or an all-finite check does not tie a frozen variable to every other
+  update; reading a resource yields the bits of every value written to it, so a slot read
+  back after its update carries the gradient that produced it. Reading a marked variable
+  itself yields no G bit: its value is model state.
+* ownership bit O_i: the tensor is, entry by entry, a function of variable i's value or
+  gradient at that variable's shape. It flows only through elementwise ops from inputs of
+  the output's own shape, so an exponential moving average of a weight is owned by the
+  weight, while BatchNorm statistics (reductions of activations) are owned by nobody.
 
-Control edges are ignored: Keras chains all updates with control dependencies, and they
-say nothing about values.
+Control edges are ignored (Keras chains all updates with them; they say nothing about
+values). Call ops connect to their bodies: call input k feeds argument k - offset, body
+output k feeds call output k, and a While body's outputs feed its own arguments. The
+bits are solved to a fixpoint over the program, so one analysis of the traced program
+serves the whole pipeline (passes only delete writes and change what flows into markers,
+which leaves every surviving tensor's bits unchanged).
 """
 
 from __future__ import annotations
@@ -24,110 +29,208 @@ from collections import defaultdict
 from typing import Any
 
 from .. import opkinds
-from ..ir import IR, Tensor
-from .resources import resource_owner
+from ..ir import IR, RETVAL, Tensor
+from ..program import Program
 
 
-def _is_full_reduction(ir: IR, node: str, inputs: list[Tensor]) -> bool:
+def _full_reduction(ir: IR, node: str, inputs: list[Tensor]) -> bool:
     op = ir.op(node)
     if op in opkinds.SCALAR_REDUCTIONS:
         return True
     if op not in opkinds.REDUCTIONS or not inputs:
         return False
-    out_shape, in_shape = ir.shape((node, 0)), ir.shape(inputs[0])
-    return out_shape == () and in_shape != ()
-
-
-def write_targets(ir: IR, node: str, inputs: list[Tensor]) -> list[str]:
-    """Placeholders whose resources a write op modifies."""
-    return [p for p in (resource_owner(ir, t) for t in inputs if ir.is_resource(t)) if p]
+    return ir.shape((node, 0)) == () and ir.shape(inputs[0]) != ()
 
 
 class Dependence:
-    """Gradient bits per tensor and per written resource, for one IR."""
+    """G and O bits per tensor and per written resource (a main-graph placeholder)."""
 
-    def __init__(self, ir: IR, sources: dict[Tensor, int], model_state: set[str] = frozenset()):
-        self.ir = ir
-        self.sources = sources
-        self.model_state = model_state
-        self.order = ir.topological_order()
-        self.inputs = {n: ir.inputs(n) for n in self.order}
-        self.tensor_bits: dict[Tensor, int] = {}
+    def __init__(self, program: Program, sources: dict[tuple[int, Tensor], int],
+                 reads: dict[str, int], n_vars: int):
+        self.program = program
+        self.sources = sources          # (id(ir), marker tensor) -> G_i | O_i
+        self.reads = reads              # marked variable placeholder -> O_i
+        self.n = n_vars
+        self.g_mask = (1 << n_vars) - 1
+        self.graphs = program.graphs()
+        self.orders = {id(g): g.topological_order() for g in self.graphs}
+        self.inputs = {(id(g), n): g.inputs(n) for g in self.graphs for n in self.orders[id(g)]}
+        self.arg_index = {(id(b), p): i for b in program.bodies.values() for i, p in enumerate(b.args)}
+        self.bits: dict[tuple[int, str, int], int] = {}
         self.resource_bits: dict[str, int] = defaultdict(int)
+        self._owners: dict[tuple[int, Tensor], frozenset[str]] = {}
+        self.writes = [(g, n) for g in self.graphs for n in self.orders[id(g)] if opkinds.is_write(g.op(n))]
         self._solve()
 
-    def bits(self, tensor: Tensor) -> int:
-        return self.tensor_bits.get(tensor, 0)
+    # ------------------------------------------------------------------ queries
 
-    def value_bits(self, node: str) -> int:
+    def owners(self, ir: IR, tensor: Tensor) -> frozenset[str]:
+        key = (id(ir), tensor)
+        if key not in self._owners:
+            self._owners[key] = self.program.resource_owners(ir, tensor)
+        return self._owners[key]
+
+    def tensor_bits(self, ir: IR, tensor: Tensor) -> int:
+        return self.bits.get((id(ir), tensor[0], tensor[1]), 0)
+
+    def value_bits(self, ir: IR, node: str) -> int:
         """Bits of the non-resource inputs of `node` (the values a write stores)."""
         out = 0
-        for t in self.inputs[node]:
-            if not self.ir.is_resource(t):
-                out |= self.bits(t)
+        for t in self.inputs[(id(ir), node)]:
+            if not ir.is_resource(t):
+                out |= self.tensor_bits(ir, t)
         return out
 
-    def _solve(self) -> None:
-        ir = self.ir
-        writes = [n for n in self.order if opkinds.is_write(ir.op(n))]
-        while True:
-            self._propagate()
-            resource_bits: dict[str, int] = defaultdict(int)
-            for w in writes:
-                v = self.value_bits(w)
-                for target in write_targets(ir, w, self.inputs[w]):
-                    resource_bits[target] |= v
-            if resource_bits == self.resource_bits:
-                return
-            self.resource_bits = resource_bits
+    def write_targets(self, ir: IR, node: str) -> frozenset[str]:
+        targets: set[str] = set()
+        for t in self.inputs[(id(ir), node)]:
+            if ir.is_resource(t):
+                targets |= self.owners(ir, t)
+        return frozenset(targets)
 
-    def _propagate(self) -> None:
-        ir, bits = self.ir, {}
-        for node in self.order:
-            inputs = self.inputs[node]
+    def split(self, bits: int) -> tuple[int, int]:
+        return bits & self.g_mask, bits >> self.n
+
+    # ------------------------------------------------------------------ solving
+
+    def _solve(self) -> None:
+        while True:
+            changed = False
+            for g in self.graphs:
+                changed |= self._propagate(g)
+            resource_bits: dict[str, int] = defaultdict(int)
+            for g, w in self.writes:
+                v = self.value_bits(g, w)
+                for target in self.write_targets(g, w):
+                    resource_bits[target] |= v
+            if resource_bits != self.resource_bits:
+                self.resource_bits = resource_bits
+                changed = True
+            if not changed:
+                return
+
+    def _set(self, key: tuple[int, str, int], value: int) -> bool:
+        if self.bits.get(key, 0) != value:
+            self.bits[key] = value
+            return True
+        return False
+
+    def _elementwise_o(self, ir: IR, node: str, inputs: list[Tensor]) -> int:
+        out_shape = ir.shape((node, 0))
+        o = 0
+        if out_shape is None or None in out_shape:
+            return 0
+        for t in inputs:
+            if ir.shape(t) == out_shape:
+                o |= self.tensor_bits(ir, t) >> self.n
+        return o
+
+    def _propagate(self, ir: IR) -> bool:
+        gid, changed = id(ir), False
+        program, n = self.program, self.n
+        for node in self.orders[gid]:
+            inputs = self.inputs[(gid, node)]
             op = ir.op(node)
             n_out = max(len(ir.graph.nodes[node]["dtypes"]), 1)
-            if (node, 0) in self.sources:
-                b = self.sources[(node, 0)]
-            elif op in opkinds.SHAPE_QUERIES or _is_full_reduction(ir, node, inputs):
-                b = 0
-            elif op == "IdentityN":
-                for k, t in enumerate(inputs):
-                    bits[(node, k)] = bits.get(t, 0)
+            if (gid, (node, 0)) in self.sources:
+                changed |= self._set((gid, node, 0), self.sources[(gid, (node, 0))])
                 continue
-            else:
-                b = 0
+            if op == "Placeholder":
+                changed |= self._set((gid, node, 0), self._arg_bits(ir, node))
+                continue
+            if op == "IdentityN":
+                for k, t in enumerate(inputs):
+                    changed |= self._set((gid, node, k), self.tensor_bits(ir, t))
+                continue
+            callees = program.callees(ir, node)
+            if callees:
+                for k in range(n_out):
+                    changed |= self._set((gid, node, k), self._call_output_bits(ir, node, k, callees))
+                continue
+            g = 0
+            if op not in opkinds.SHAPE_QUERIES and not _full_reduction(ir, node, inputs):
                 for t in inputs:
-                    b |= bits.get(t, 0)
-                if op in opkinds.RESOURCE_READS and inputs:
-                    owner = resource_owner(ir, inputs[0])
-                    if owner is not None and owner not in self.model_state:
-                        b |= self.resource_bits.get(owner, 0)
+                    g |= self.tensor_bits(ir, t) & self.g_mask
+            if op in ("Identity", RETVAL, "StopGradient", "Cast"):
+                o = (self.tensor_bits(ir, inputs[0]) >> n) if inputs else 0
+            elif op in opkinds.ELEMENTWISE:
+                o = self._elementwise_o(ir, node, inputs)
+            else:
+                o = 0
+            if op in opkinds.RESOURCE_READS and inputs:
+                for owner in self.owners(ir, inputs[0]):
+                    if owner in self.reads:
+                        o |= self.reads[owner] >> n
+                    else:
+                        rb = self.resource_bits.get(owner, 0)
+                        g |= rb & self.g_mask
+                        o |= rb >> n
+            value = g | (o << n)
             for k in range(n_out):
-                bits[(node, k)] = b
-        self.tensor_bits = bits
+                changed |= self._set((gid, node, k), value)
+        return changed
+
+    def _arg_bits(self, ir: IR, placeholder: str) -> int:
+        i = self.arg_index.get((id(ir), placeholder))
+        if i is None:
+            return 0
+        out = 0
+        for caller, call, callee in self.program.call_sites[ir.name]:
+            inputs = self.inputs.get((id(caller), call), [])
+            if i + callee.offset < len(inputs):
+                out |= self.tensor_bits(caller, inputs[i + callee.offset])
+            if caller.op(call) in opkinds.LOOPS:  # loop-carried: the body's output k comes back
+                body = self.program.bodies[self.program.callees(caller, call)[0].name]
+                rets = body.rets
+                if i < len(rets):
+                    out |= self.tensor_bits(body, body.inputs(rets[i])[0])
+        return out
+
+    def _call_output_bits(self, ir: IR, node: str, k: int, callees) -> int:
+        out = 0
+        loop = ir.op(node) in opkinds.LOOPS
+        for c in callees[:1] if loop else callees:
+            body = self.program.bodies[c.name]
+            rets = body.rets
+            if k < len(rets):
+                out |= self.tensor_bits(body, body.inputs(rets[k])[0])
+        if loop:
+            inputs = self.inputs[(id(ir), node)]
+            if k < len(inputs):
+                out |= self.tensor_bits(ir, inputs[k])
+        return out
 
 
+def analyze(program: Program, marker_sites: list, variables: dict) -> tuple[Dependence, dict[int, Any]]:
+    """Dependence of the traced program; returns it and, per variable index, the variable.
 
-def analyze(ir: IR, markers: list, variables: dict) -> tuple[Dependence, dict[int, Any]]:
-    """Gradient dependence of the traced graph: one bit per marker.
-
-    Returns the analysis and, per bit, the variable its marker belongs to.
+    `marker_sites` lists (ir, marker) pairs; `variables` maps placeholders to VariableInfo.
     """
     by_id = {id(v.variable): v for v in variables.values()}
-    sources, owners = {}, {}
-    for i, m in enumerate(markers):
+    index: dict[int, int] = {}
+    owners: dict[int, Any] = {}
+    for _, m in marker_sites:
+        var = by_id.get(id(m.variable))
+        if var is not None and id(var) not in index:
+            index[id(var)] = len(index)
+            owners[index[id(var)]] = var
+    n = max(len(index), 1)
+    sources, reads = {}, {}
+    for ir, m in marker_sites:
+        var = by_id.get(id(m.variable))
+        if var is None:
+            continue
+        i = index[id(var)]
         for name in (m.values, m.indices):
-            if name:
-                sources[(name, 0)] = 1 << i
-        owners[1 << i] = by_id.get(id(m.variable))
-    marked = {v.placeholder for v in owners.values() if v is not None}
-    return Dependence(ir, sources, marked), owners
+            if name and name in ir:
+                sources[(id(ir), (name, 0))] = (1 << i) | (1 << (i + n))
+        reads[var.placeholder] = 1 << (i + n)
+    return Dependence(program, sources, reads, n), owners
 
 
 def optimizer_state(dep: Dependence, owners: dict[int, Any], variables: dict) -> set[str]:
-    """Placeholders of variables that are optimizer state: written with gradient-derived
-    values but without a gradient of their own (slots, accumulators)."""
-    marked = {v.placeholder for v in owners.values() if v is not None}
+    """Placeholders of variables written with gradient-derived values that have no gradient
+    of their own: optimizer slots and accumulators."""
+    marked = {v.placeholder for v in owners.values()}
     return {p for p, bits in dep.resource_bits.items()
-            if bits and p in variables and p not in marked}
+            if bits & dep.g_mask and p in variables and p not in marked}

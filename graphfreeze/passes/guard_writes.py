@@ -24,18 +24,20 @@ from .. import opkinds
 from ..errors import UnsupportedGraphError
 from ..ir import IR
 from ..plan import Plan
+from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
 from .masks import compress, frozen_const, keep_const, slug
-from .resources import check_known_use, resource_uses
+from .resources import check_known_use
 
 PASS = "guard_writes"
 
 
-def guard_writes(ir: IR, plan: Plan) -> IR:
-    doomed: list[str] = []
+def guard_writes(program: Program, plan: Plan) -> Program:
+    doomed: dict[int, tuple[IR, list[str]]] = {}
     for vf in plan.freezes:
-        for node, index in resource_uses(ir, vf.variable.placeholder):
+        for use in program.resource_uses(program.main, (vf.variable.placeholder, 0)):
+            ir, node, index = use
             if check_known_use(ir, node, vf.variable.path) == "read":
                 continue
             op = ir.op(node)
@@ -44,13 +46,14 @@ def guard_writes(ir: IR, plan: Plan) -> IR:
                     f"{op} node {node!r} uses frozen variable {vf.variable.path!r} as optimizer "
                     "state of another variable; freeze the variable it updates instead.")
             if vf.full:
-                doomed.append(node)
+                doomed.setdefault(id(ir), (ir, []))[1].append(node)
                 plan.notes.removed_writes.append(node)
             else:
                 _guard_partial(ir, plan, node, index, vf)
                 plan.notes.guarded_writes.append(node)
-    ir.remove_nodes(doomed)
-    return ir
+    for ir, nodes in doomed.values():
+        ir.remove_nodes(nodes)
+    return program
 
 
 def _guard_partial(ir: IR, plan: Plan, node: str, index: int, vf: VariableFreeze) -> None:

@@ -1,7 +1,7 @@
 """Make each frozen variable's gradient zero where it is frozen, at its source.
 
-The marker Identity that capture put on the gradient stays as the anchor; what flows
-into it changes:
+The marker Identity that capture put on the gradient (in the step or in a body) stays as
+the anchor; what flows into it changes:
 
 * fully frozen, dense:   Fill(shape, 0)       - the backward ops that produced the
                                                  gradient lose their last use and die;
@@ -12,18 +12,18 @@ into it changes:
 
 from __future__ import annotations
 
-from ..ir import IR
 from ..plan import Plan
+from ..program import Program
 from .build import Builder
 from .masks import keep_const, slug
 
 PASS = "mask_gradients"
 
 
-def mask_gradients(ir: IR, plan: Plan) -> IR:
-    for marker, var in plan.markers():
+def mask_gradients(program: Program, plan: Plan) -> Program:
+    for ir, marker, var in plan.marker_sites(program):
         vf = plan.freeze_of(var.placeholder)
-        if vf is None or marker.values not in ir:
+        if vf is None:
             continue
         grad = ir.inputs(marker.values)[0]
         dtype = ir.dtype(grad)
@@ -44,4 +44,4 @@ def mask_gradients(ir: IR, plan: Plan) -> IR:
             new = b.mul(grad, keep)
         ir.set_input(marker.values, 0, new)
         plan.notes.inserted.extend(b.created)
-    return ir
+    return program

@@ -1,39 +1,53 @@
 """Remove optimizer state updates that only ever serve frozen variables (S3, S4).
 
-A write to a resource that is not itself frozen (an Adam moment, a momentum slot, a
-gradient accumulator) is dead when every gradient its values derive from belongs to a
-fully frozen variable. All writes to such a resource go, resets included, so a fully
-frozen variable's slots are not touched at all: freezing is a pause.
+A resource that is not itself frozen and has no gradient of its own (an Adam moment, a
+momentum slot, a gradient accumulator, an EMA) is dead when
+
+* every gradient its written values derive from belongs to a fully frozen variable, or
+* it is optimizer state and its values are, entry by entry, only fully frozen variables'
+  values or gradients (an EMA of a frozen weight).
+
+All writes to a dead resource go, in the step and in every body, resets included, so a
+fully frozen variable's optimizer state is not touched at all: freezing is a pause.
 """
 
 from __future__ import annotations
 
-from .. import opkinds
-from ..ir import IR
+from collections import defaultdict
+
 from ..plan import Plan
-from .dependence import write_targets
+from ..program import Program
 
 
-def prune_optimizer_state(ir: IR, plan: Plan) -> IR:
-    if not any(vf.full for vf in plan.freezes):
-        return ir
-    fully_frozen = {vf.variable.placeholder for vf in plan.freezes if vf.full}
-    live = 0
-    for bit, var in plan.gradient_owner.items():
-        if var is None or var.placeholder not in fully_frozen:
-            live |= bit
-    frozen = {vf.variable.placeholder for vf in plan.freezes}
-    dead = {r: bits for r, bits in plan.dependence.resource_bits.items()
-            if bits and not bits & live and r not in frozen}
-    if not dead:
-        return ir
-    doomed = [n for n, op in ir.graph.nodes(data="op") if opkinds.is_write(op)
-              and set(write_targets(ir, n, ir.inputs(n))) & dead.keys()]
+def prune_optimizer_state(program: Program, plan: Plan) -> Program:
+    dep = plan.dependence
+    fully = {vf.variable.placeholder for vf in plan.freezes if vf.full}
+    if dep is None or not fully:
+        return program
+    frozen_bits = sum(1 << i for i, v in plan.gradient_owner.items() if v.placeholder in fully)
+    live = dep.g_mask & ~frozen_bits
+    exempt = {vf.variable.placeholder for vf in plan.freezes} | \
+        {v.placeholder for v in plan.gradient_owner.values()}
     by_placeholder = plan.capture.variable_by_placeholder
+    dead: dict[str, int] = {}
+    for r, bits in dep.resource_bits.items():
+        if r in exempt:
+            continue
+        g, o = dep.split(bits)
+        state = r in by_placeholder and by_placeholder[r].optimizer_state
+        if (g and not g & live) or (state and o and not o & live and not g & live):
+            dead[r] = g | o
+    if not dead:
+        return program
+    doomed = defaultdict(list)
+    for ir, node in dep.writes:
+        if node in ir and dep.write_targets(ir, node) & dead.keys():
+            doomed[id(ir)].append((ir, node))
+    for writes in doomed.values():
+        writes[0][0].remove_nodes([n for _, n in writes])
+        plan.notes.removed_writes.extend(n for _, n in writes)
     for r, bits in dead.items():
         var = by_placeholder.get(r)
         plan.notes.pruned_state[var.path if var is not None else r] = [
-            v.path for b, v in plan.gradient_owner.items() if bits & b and v is not None]
-    plan.notes.removed_writes.extend(doomed)
-    ir.remove_nodes(doomed)
-    return ir
+            v.path for i, v in plan.gradient_owner.items() if bits & (1 << i)]
+    return program

@@ -15,18 +15,19 @@ import tensorflow as tf
 
 from ..ir import IR, Tensor
 from ..plan import Plan
+from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
 from .masks import compress, slug
-from .resources import check_known_use, resource_uses
+from .resources import check_known_use
 
 PASS = "stop_frozen_reads"
 _VALUE_READS = ("ReadVariableOp", "ResourceGather")
 
 
-def stop_frozen_reads(ir: IR, plan: Plan) -> IR:
+def stop_frozen_reads(program: Program, plan: Plan) -> Program:
     for vf in plan.freezes:
-        for node, _ in resource_uses(ir, vf.variable.placeholder):
+        for ir, node, _ in program.resource_uses(program.main, (vf.variable.placeholder, 0)):
             if check_known_use(ir, node, vf.variable.path) != "read" or ir.op(node) not in _VALUE_READS:
                 continue
             if ir.op(node) == "ResourceGather":
@@ -39,7 +40,7 @@ def stop_frozen_reads(ir: IR, plan: Plan) -> IR:
                     _mask(ir, plan, vf, dst, (dst, 0), indices=ir.inputs(dst)[1])
             else:
                 _mask(ir, plan, vf, node, read, indices=None)
-    return ir
+    return program
 
 
 def _is_row_gather(ir: IR, node: str, index: int) -> bool:

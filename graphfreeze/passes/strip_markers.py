@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from ..ir import IR
 from ..plan import Plan
+from ..program import Program
 
 
-def strip_markers(ir: IR, plan: Plan) -> IR:
-    names = [n for m in plan.capture.markers for n in (m.values, m.indices) if n and n in ir]
-    for name in names:
+def strip_markers(program: Program, plan: Plan) -> Program:
+    for ir, marker, _ in plan.marker_sites(program):
+        remove_markers(ir, [marker.values, marker.indices])
+    return program
+
+
+def remove_markers(ir: IR, names: list) -> None:
+    present = [n for n in names if n and n in ir]
+    for name in present:
         ir.replace_uses((name, 0), ir.inputs(name)[0])
-    ir.remove_nodes(names)
-    return ir
+    ir.remove_nodes(present)
