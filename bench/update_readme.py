@@ -52,7 +52,22 @@ def partial(d: dict) -> str:
             + _rows(d["seconds_per_step"], d["ratio_vs_mask_trick"], "seed-002 mask trick"))
 
 
-SECTIONS = {"core": core, "partial": partial}
+def corpus(d: dict) -> str:
+    c = d["config"]
+    lines = ["| model | traced step ops | graphfreeze ops | Keras `trainable=False` ops | "
+             "graphfreeze ms/step | `trainable=False` ms/step | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in d["models"]:
+        t = r["seconds_per_step"]
+        lines.append(f"| {r['model']} | {r['ops']['traced']:,} | {r['ops']['graphfreeze']:,} | "
+                     f"{r['ops']['keras_trainable_false']:,} | {t['graphfreeze'] * 1e3:.0f} | "
+                     f"{t['keras trainable=False'] * 1e3:.0f} | {r['ratio']:.2f} |")
+    return (f"keras.applications models (`weights=None`), everything but the head frozen, frozen "
+            f"BatchNorm in inference mode (`batchnorm_inference=True`), batch {c['batch']} at "
+            f"{c['image']}×{c['image']}, Adam (median of {c['rounds']} rounds × "
+            f"{c['steps_per_round']} steps):\n\n" + "\n".join(lines))
+
+
+SECTIONS = {"core": core, "partial": partial, "corpus": corpus}
 
 
 def main() -> int:

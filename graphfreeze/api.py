@@ -33,11 +33,16 @@ def _normalize(rules: RuleLike | Sequence[RuleLike]) -> list[Rule]:
 
 
 def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: Any,
-            **example_kwargs: Any) -> Rewritten:
+            batchnorm_inference: bool = False, **example_kwargs: Any) -> Rewritten:
     """Trace `fn` with the example arguments and rewrite it so `rules` hold.
 
     A function that takes gradients is rewritten as a training step; one that takes none
     as a forward function. Raises `FreezeError` (and changes nothing) on any problem.
+
+    `batchnorm_inference=True` runs BatchNorm layers whose moving statistics are frozen in
+    inference mode (normalising with the stored statistics), as Keras `trainable=False`
+    does; by default a frozen BatchNorm keeps normalising with batch statistics and only
+    stops updating them.
 
     >>> rw = gf.rewrite(train_step, ["hidden1/*", gf.Rows("emb/embeddings", ids)], x, y)  # doctest: +SKIP
     >>> rw(x, y)                                                                          # doctest: +SKIP
@@ -55,7 +60,8 @@ def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: A
                                   variables)
             for p in optimizer_state(dep, owners, variables):
                 variables[p].optimizer_state = True
-        plan = Plan(capture, resolve(rule_list, capture.variables), dep, owners)
+        plan = Plan(capture, resolve(rule_list, capture.variables), dep, owners,
+                    batchnorm_inference=batchnorm_inference)
         rewritten = run_pipeline(program, plan)
         return Rewritten(capture, plan, rewritten, emit(rewritten, capture))
 
@@ -100,9 +106,10 @@ class FrozenFunction:
     >>> train_step(x, y); train_step.rewritten(x, y).report()  # doctest: +SKIP
     """
 
-    def __init__(self, fn: Callable, rules: Sequence[RuleLike]):
+    def __init__(self, fn: Callable, rules: Sequence[RuleLike], *, batchnorm_inference: bool = False):
         self.python_function = fn
         self.rules = _normalize(list(rules))
+        self.batchnorm_inference = batchnorm_inference
         self._cache: dict[Any, Rewritten] = {}
         self._lock = threading.Lock()
         self._bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -116,7 +123,9 @@ class FrozenFunction:
             with self._lock:
                 rw = self._cache.get(key)
                 if rw is None:
-                    rw = self._cache[key] = rewrite(self.python_function, self.rules, *args, **kwargs)
+                    rw = self._cache[key] = rewrite(
+                        self.python_function, self.rules, *args,
+                        batchnorm_inference=self.batchnorm_inference, **kwargs)
         return rw
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -127,7 +136,8 @@ class FrozenFunction:
             return self
         bound = self._bound.get(instance)
         if bound is None:
-            bound = FrozenFunction(self.python_function.__get__(instance, owner), self.rules)
+            bound = FrozenFunction(self.python_function.__get__(instance, owner), self.rules,
+                                   batchnorm_inference=self.batchnorm_inference)
             self._bound[instance] = bound
         return bound
 
@@ -136,8 +146,10 @@ class FrozenFunction:
         return len(self._cache)
 
 
-def freeze(*rules: RuleLike) -> Callable[[Callable], FrozenFunction]:
+def freeze(*rules: RuleLike, batchnorm_inference: bool = False) -> Callable[[Callable], FrozenFunction]:
     """Decorator: the step runs with `rules` frozen. Rules are checked here and at first call.
+
+    `batchnorm_inference=True`: frozen BatchNorm layers run in inference mode (see `rewrite`).
 
     >>> @gf.freeze("hidden1/*", gf.Columns("out/kernel", [0]))   # doctest: +SKIP
     ... @tf.function
@@ -150,6 +162,6 @@ def freeze(*rules: RuleLike) -> Callable[[Callable], FrozenFunction]:
     checked = _normalize(list(rules))
 
     def decorate(fn: Callable) -> FrozenFunction:
-        return FrozenFunction(fn, checked)
+        return FrozenFunction(fn, checked, batchnorm_inference=batchnorm_inference)
 
     return decorate

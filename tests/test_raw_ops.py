@@ -119,3 +119,21 @@ def test_unknown_op_on_frozen_resource_is_refused_by_name():
         gf.rewrite(step, ["counter"])
     assert "'counter'" in str(e.value)
     assert int(counter.numpy()) == 0
+
+
+def test_resource_reaching_a_body_through_an_unknown_op_is_refused():
+    """tf.data's map function captures the variable; MapDataset is not a call op the
+    passes follow, so freezing the variable is refused rather than done partially."""
+    w = tf.Variable(np.ones((3,), "float32"), name="mapped")
+    opt = tf.keras.optimizers.SGD(0.1)
+
+    def step(x):
+        ds = tf.data.Dataset.from_tensor_slices(x).map(lambda r: r * w)
+        total = ds.reduce(tf.zeros([3]), lambda a, b: a + b)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(total * w)
+        opt.apply_gradients([(tape.gradient(loss, w), w)])
+        return loss
+
+    with pytest.raises(gf.UnsupportedGraphError, match=r"'mapped'.*(MapDataset|Dataset)"):
+        gf.rewrite(step, ["mapped"], X)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from ..plan import Plan
 from ..program import Program
+from .batchnorm_inference import batchnorm_inference
 from .dead_code import eliminate_dead_code
 from .guard_writes import guard_writes
 from .mask_gradients import mask_gradients
@@ -22,6 +23,7 @@ Pass = Callable[[Program, Plan], Program]
 
 #: A training step: gradients masked at their source, writes guarded, frozen work removed.
 TRAINING_PIPELINE: Sequence[Pass] = (
+    batchnorm_inference,      # only with batchnorm_inference=True; needs the stat updates
     mask_gradients,
     guard_writes,
     prune_optimizer_state,
@@ -32,6 +34,7 @@ TRAINING_PIPELINE: Sequence[Pass] = (
 #: A forward function: frozen reads become constants for the caller's gradients; writes
 #: (e.g. BatchNorm statistics in training mode) to frozen state are guarded too.
 FORWARD_PIPELINE: Sequence[Pass] = (
+    batchnorm_inference,
     guard_writes,
     stop_frozen_reads,
     eliminate_dead_code,

@@ -88,6 +88,10 @@ class Builder:
         return self._add(suffix, "GatherNd", [params, indices], dtype, None,
                          {"Tparams": dtype, "Tindices": idx_dtype})
 
+    def cast(self, x: Tensor, dtype: tf.DType, suffix: str = "cast") -> Tensor:
+        return self._add(suffix, "Cast", [x], dtype, self.ir.shape(x),
+                         {"SrcT": self.ir.dtype(x), "DstT": dtype, "Truncate": False})
+
     def read(self, resource: Tensor, dtype: tf.DType, shape, suffix: str = "read") -> Tensor:
         return self._add(suffix, "ReadVariableOp", [resource], dtype, shape, {"dtype": dtype})
 

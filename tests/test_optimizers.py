@@ -1,0 +1,150 @@
+"""Every Keras 3 optimizer and option (issue 4): S1 and S4 for whole and partial rules,
+S2 against Keras `trainable=False` (whole) and the seed-002 mask (partial)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import assert_close_models, batches, make_step, mlp, snapshot, twin
+from references import keep_of, masked_mlp
+
+import graphfreeze as gf
+
+SIZES = (6, 12, 10, 3)
+DATA = batches(6, (16, 6), (16, 3))
+
+OPTIMIZERS = {
+    "SGD": lambda **kw: keras.optimizers.SGD(0.05, momentum=0.9, **kw),
+    "SGD_nesterov": lambda **kw: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True, **kw),
+    "Adam": lambda **kw: keras.optimizers.Adam(1e-2, **kw),
+    "AdamW": lambda **kw: keras.optimizers.AdamW(1e-2, **kw),
+    "Adamax": lambda **kw: keras.optimizers.Adamax(1e-2, **kw),
+    "Nadam": lambda **kw: keras.optimizers.Nadam(1e-2, **kw),
+    "RMSprop": lambda **kw: keras.optimizers.RMSprop(1e-2, momentum=0.5, centered=True, **kw),
+    "Adagrad": lambda **kw: keras.optimizers.Adagrad(0.1, **kw),
+    "Adadelta": lambda **kw: keras.optimizers.Adadelta(1.0, **kw),
+    "Adafactor": lambda **kw: keras.optimizers.Adafactor(1e-2, **kw),
+    "Ftrl": lambda **kw: keras.optimizers.Ftrl(0.1, l1_regularization_strength=0.01, **kw),
+    "Lamb": lambda **kw: keras.optimizers.Lamb(1e-2, **kw),
+    "Lion": lambda **kw: keras.optimizers.Lion(1e-3, **kw),
+    "Muon": lambda **kw: keras.optimizers.Muon(1e-2, **kw),
+    "ScheduleFreeAdamW": lambda **kw: keras.optimizers.ScheduleFreeAdamW(1e-2, **kw),
+}
+OPTIONS = {
+    "plain": {},
+    "weight_decay": {"weight_decay": 0.05},
+    "clipnorm": {"clipnorm": 0.1},
+    "clipvalue": {"clipvalue": 0.01},
+    "global_clipnorm": {"global_clipnorm": 0.1},
+    "ema": {"use_ema": True, "ema_overwrite_frequency": 2},
+    "accumulation": {"gradient_accumulation_steps": 2},
+}
+# Elementwise optimizers: each entry's update depends on that entry only. Ftrl is left out
+# of the seed-002 comparison on purpose: it recomputes weights from its accumulators, so a
+# zero gradient still moves an entry (to 0 on the first step) and the mask trick does not
+# freeze anything under it. Ftrl is covered by partial S1 and by whole-variable S2.
+ELEMENTWISE = ["SGD", "SGD_nesterov", "Adam", "Adamax", "Nadam", "RMSprop", "Adagrad",
+               "Adadelta", "Lion"]
+PARTIAL_RULES = [gf.Columns("hidden1/kernel", [0, 3, 4]), gf.Rows("hidden1/bias", [1, 2])]
+
+
+def _partial_frozen():
+    k = np.zeros((6, 12), bool)
+    k[:, [0, 3, 4]] = True
+    b = np.zeros(12, bool)
+    b[[1, 2]] = True
+    return k, b
+
+
+def _pretrained(opt_name, option):
+    """A model and optimizer that trained a step before freezing (slots non-zero)."""
+    model = mlp(SIZES)
+    optimizer = OPTIMIZERS[opt_name](**OPTIONS[option])
+    step = make_step(model, optimizer)
+    step(*DATA[0])  # eagerly: cheaper than tracing a step that creates the optimizer's state
+    return model, optimizer, step
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_s1_s4_whole_variables(opt_name, option):
+    model, optimizer, step = _pretrained(opt_name, option)
+    frozen = model.get_layer("hidden1").variables
+    before, state_before = snapshot(frozen), snapshot(optimizer.variables)
+    head_before = snapshot(model.get_layer("out").variables)
+    rw = gf.rewrite(step, ["hidden1/*"], *DATA[0])
+    for x, y in DATA:
+        rw(x, y)
+    assert all(np.array_equal(v, before[p]) for p, v in snapshot(frozen).items())
+    own = [p for p in state_before if "_hidden1_" in p]
+    assert own, "the optimizer should hold state for hidden1"
+    state_after = snapshot(optimizer.variables)
+    touched = [p for p in own if not np.array_equal(state_after[p], state_before[p])]
+    assert touched == [], f"frozen variables' optimizer state was touched: {touched}"
+    head = snapshot(model.get_layer("out").variables)
+    assert any(not np.array_equal(v, head_before[p]) for p, v in head.items())
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_s1_partial(opt_name, option):
+    model, optimizer, step = _pretrained(opt_name, option)
+    k_frozen, b_frozen = _partial_frozen()
+    h1 = model.get_layer("hidden1")
+    k0, b0 = h1.kernel.numpy().copy(), h1.bias.numpy().copy()
+    rw = gf.rewrite(step, PARTIAL_RULES, *DATA[0])
+    for x, y in DATA:
+        rw(x, y)
+    k1, b1 = h1.kernel.numpy(), h1.bias.numpy()
+    assert np.array_equal(k1[k_frozen], k0[k_frozen]) and np.array_equal(b1[b_frozen], b0[b_frozen])
+    assert not np.array_equal(k1[~k_frozen], k0[~k_frozen])
+
+
+S2_WHOLE = [(o, "plain") for o in OPTIMIZERS] + [(o, "global_clipnorm") for o in OPTIMIZERS] + \
+    [(o, opt) for o in ("SGD", "Adam", "RMSprop") for opt in ("ema", "accumulation", "weight_decay")]
+S2_PARTIAL = [(o, "plain") for o in ELEMENTWISE] + \
+    [(o, opt) for o in ("SGD", "Adam", "Lion") for opt in ("global_clipnorm", "ema", "accumulation")]
+
+
+@pytest.mark.parametrize("opt_name, option", S2_WHOLE)
+def test_s2_whole_equals_keras_trainable_false(opt_name, option):
+    model = mlp(SIZES)
+    reference = twin(model, lambda: mlp(SIZES))
+    reference.get_layer("hidden1").trainable = False
+    rw = gf.rewrite(make_step(model, OPTIMIZERS[opt_name](**OPTIONS[option])), ["hidden1/*"],
+                    *DATA[0])
+    ref_step = tf.function(make_step(reference, OPTIMIZERS[opt_name](**OPTIONS[option])))
+    for x, y in DATA:
+        rw(x, y)
+        ref_step(x, y)
+    assert_close_models(model, reference)
+
+
+@pytest.mark.parametrize("opt_name, option", S2_PARTIAL)
+def test_s2_partial_equals_seed002_mask(opt_name, option):
+    k_frozen, b_frozen = _partial_frozen()
+    model = mlp(SIZES)
+    reference = masked_mlp(SIZES, {"hidden1": (keep_of(k_frozen), keep_of(b_frozen))})
+    reference.set_weights(model.get_weights())
+    rw = gf.rewrite(make_step(model, OPTIMIZERS[opt_name](**OPTIONS[option])), PARTIAL_RULES,
+                    *DATA[0])
+    ref_step = tf.function(make_step(reference, OPTIMIZERS[opt_name](**OPTIONS[option])))
+    for x, y in DATA:
+        rw(x, y)
+        ref_step(x, y)
+    assert_close_models(model, reference)
+
+
+def test_state_inside_branches_is_pruned():
+    """Gradient accumulation keeps its accumulators and the update in an If: the frozen
+    variable's accumulator writes and the frozen gradient passed into the branch are gone."""
+    model = mlp(SIZES)
+    optimizer = OPTIMIZERS["Adam"](gradient_accumulation_steps=2)
+    rw = gf.rewrite(make_step(model, optimizer), ["hidden1/*"], *DATA[0])
+    assert any(p.endswith(("hidden1_kernel", "hidden1_bias")) or "_hidden1_" in p
+               for p in rw.report().pruned_state)
+    changed = [b for b in rw.program.bodies.values() if b.changed]
+    assert changed, "the update branch should have been rewritten"
+    assert not [n for n, d in rw.graph.nodes(data=True) if d.get("inserted") == "mask_gradients"]
