@@ -19,7 +19,10 @@ except ImportError as _e:  # pragma: no cover - exercised only without TensorFlo
     ) from _e
 
 from .api import FrozenFunction, freeze, rewrite
+from .diff import Diff
+from .dryrun import plan
 from .errors import CaptureError, FreezeError, RuleError, UnsupportedGraphError
+from .render import RenderError
 from .report import Report
 from .rewritten import Rewritten
 from .rules import Columns, Freeze, Mask, Rows, Rule, Unfreeze
@@ -27,7 +30,7 @@ from .rules import Columns, Freeze, Mask, Rows, Rule, Unfreeze
 __version__ = "0.1.0"
 
 __all__ = [
-    "freeze", "rewrite", "FrozenFunction", "Rewritten", "Report",
+    "freeze", "rewrite", "plan", "FrozenFunction", "Rewritten", "Report", "Diff",
     "Rule", "Freeze", "Rows", "Columns", "Mask", "Unfreeze",
-    "FreezeError", "RuleError", "CaptureError", "UnsupportedGraphError",
+    "FreezeError", "RuleError", "CaptureError", "UnsupportedGraphError", "RenderError",
 ]

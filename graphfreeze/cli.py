@@ -1,8 +1,22 @@
 """The `graphfreeze` command line.
 
-    graphfreeze demo              run the seed scenarios, printing their freeze reports
-    graphfreeze demo --list       list them
-    graphfreeze demo seed001...   run some of them
+    graphfreeze demo [SCENARIO ...] [--list]
+        run the seed scenarios, printing their freeze reports (the README's main job)
+
+    graphfreeze inspect SCRIPT [--fn NAME] [--rule R ...] [--html OUT] [--dot OUT] [--json OUT]
+                        [--tensorboard DIR] [--batchnorm-inference]
+        trace and rewrite a step defined in SCRIPT, print the report and the diff
+
+The SCRIPT convention: a Python file that defines, at module level, the step (a function or
+tf.function; `train_step` unless --fn says otherwise) and `example_args`, a tuple of
+example arguments or a zero-argument callable returning one (optionally `example_kwargs`).
+If the step is decorated with @gf.freeze and no --rule is given, its own rules are used.
+Rules on the command line:
+
+    'hidden1/*'                       a glob over variable paths
+    'Rows(emb/embeddings, 0:100)'     rows (also Columns); indices as a:b, a:b:c, 3, or 1,5,7
+    'Mask(out/kernel, mask.npy)'      a boolean array saved with numpy.save
+    'Unfreeze(head/*)'                undo earlier rules (the argument may be Rows/Columns/Mask)
 """
 
 from __future__ import annotations
@@ -10,6 +24,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
+import runpy
 import sys
 import time
 
@@ -18,6 +34,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 class CliError(Exception):
     """A user mistake on the command line: one line on stderr, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- demo
 
 
 def _scenarios() -> list[str]:
@@ -51,6 +70,124 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- rules
+
+_CALL = re.compile(r"^\s*(Rows|Columns|Mask|Unfreeze)\s*\((.*)\)\s*$", re.S)
+
+
+def _indices(text: str):
+    text = text.strip().strip("[]()")
+    try:
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            return slice(*parts)
+        values = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise CliError(f"cannot read indices {text!r}: write a:b, a:b:c, 7 or 1,5,7") from None
+    if not values:
+        raise CliError("empty index list")
+    return values
+
+
+def parse_rule(text: str):
+    """A rule from its command-line spelling (see the module docstring)."""
+    import numpy as np
+
+    import graphfreeze as gf
+
+    m = _CALL.match(text)
+    if m is None:
+        if not text.strip() or any(c in text for c in "()=,"):
+            raise CliError(f"cannot parse rule {text!r}: expected a glob such as 'dense/*' or "
+                           "Rows(path, 0:10), Columns(path, 1,2), Mask(path, file.npy), Unfreeze(...)")
+        return text.strip()
+    kind, body = m.group(1), m.group(2)
+    if kind == "Unfreeze":
+        return gf.Unfreeze(parse_rule(body))
+    target, sep, rest = body.partition(",")
+    if not sep or not target.strip():
+        raise CliError(f"cannot parse rule {text!r}: {kind} takes a target and "
+                       f"{'a .npy file' if kind == 'Mask' else 'indices'}, e.g. {kind}(dense/kernel, "
+                       f"{'mask.npy' if kind == 'Mask' else '0:10'})")
+    target = target.strip()
+    if kind == "Mask":
+        path = rest.strip()
+        try:
+            return gf.Mask(target, np.load(path))
+        except OSError as e:
+            raise CliError(f"cannot read mask file {path!r}: {e.strerror or e}") from None
+    return getattr(gf, kind)(target, _indices(rest))
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def _load_script(path: str, fn_name: str):
+    if not os.path.isfile(path):
+        raise CliError(f"no such script: {path}")
+    try:
+        namespace = runpy.run_path(path, run_name="graphfreeze_inspect")
+    except SystemExit:
+        raise CliError(f"{path} exited while being loaded; guard its script part with "
+                       "if __name__ == '__main__'") from None
+    except Exception as e:  # the user's script failed: one line, not a traceback
+        raise CliError(f"running {path} failed: {type(e).__name__}: {e}") from None
+    fn = namespace.get(fn_name)
+    if fn is None or not callable(fn):
+        defined = sorted(k for k, v in namespace.items() if callable(v) and not k.startswith("_"))
+        raise CliError(f"{path} defines no function {fn_name!r} (pass --fn NAME; callables "
+                       f"defined: {', '.join(defined[:8]) or 'none'})")
+    args = namespace.get("example_args")
+    if args is None:
+        raise CliError(f"{path} defines no example_args (a tuple of example arguments for "
+                       f"{fn_name}, or a function returning one)")
+    if callable(args):
+        args = args()
+    kwargs = namespace.get("example_kwargs") or {}
+    return fn, tuple(args) if isinstance(args, (list, tuple)) else (args,), dict(kwargs)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import graphfreeze as gf
+
+    rules = [parse_rule(r) for r in args.rule or []]
+    fn, example_args, example_kwargs = _load_script(args.script, args.fn)
+    if isinstance(fn, gf.FrozenFunction):
+        rules = rules or list(fn.rules)
+        fn = fn.python_function
+    if not rules:
+        raise CliError(f"no rules: pass --rule (e.g. --rule 'dense/*'), or decorate {args.fn} "
+                       "with @gf.freeze(...)")
+    try:
+        rw = gf.rewrite(fn, rules, *example_args, batchnorm_inference=args.batchnorm_inference,
+                        **example_kwargs)
+    except gf.FreezeError as e:
+        raise CliError(" ".join(str(e).split())) from None
+    print(rw.report())
+    print()
+    print(rw.diff())
+    outputs = []
+    if args.html:
+        outputs.append(rw.to_html(args.html))
+    if args.dot:
+        with open(args.dot, "w") as f:
+            f.write(rw.to_dot())
+        outputs.append(args.dot)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump({"report": rw.report().to_dict(), "diff": rw.diff().to_dict()}, f, indent=2)
+        outputs.append(args.json)
+    if args.tensorboard:
+        outputs += rw.to_tensorboard(args.tensorboard, include_original=True)
+    for path in outputs:
+        print(f"written {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphfreeze",
@@ -62,6 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("scenarios", nargs="*", help="scenario names (default: all)")
     demo.add_argument("--list", action="store_true", help="list the scenarios and exit")
     demo.set_defaults(run=cmd_demo)
+
+    inspect = sub.add_parser(
+        "inspect", help="rewrite a step defined in a script and show what changed",
+        description="Trace and rewrite the step a script defines; print the freeze report and "
+                    "the diff, optionally writing HTML, DOT, JSON and TensorBoard views.",
+        epilog="The script defines the step (train_step, or --fn NAME) and example_args (a tuple, "
+               "or a function returning one) at module level. Rules: 'glob/*', "
+               "'Rows(path, 0:10)', 'Columns(path, 1,2)', 'Mask(path, m.npy)', 'Unfreeze(...)'.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    inspect.add_argument("script", help="Python file defining the step and example_args")
+    inspect.add_argument("--fn", default="train_step", help="name of the step (default: train_step)")
+    inspect.add_argument("--rule", action="append", metavar="R",
+                         help="a freeze rule (repeatable; default: the step's own @gf.freeze rules)")
+    inspect.add_argument("--html", metavar="OUT", help="write a self-contained HTML report")
+    inspect.add_argument("--dot", metavar="OUT", help="write the (collapsed) graph as DOT")
+    inspect.add_argument("--json", metavar="OUT", help="write report and diff as JSON")
+    inspect.add_argument("--tensorboard", metavar="DIR", help="write graphs for TensorBoard")
+    inspect.add_argument("--batchnorm-inference", action="store_true",
+                         help="run frozen BatchNorm in inference mode")
+    inspect.set_defaults(run=cmd_inspect)
     return parser
 
 

@@ -28,6 +28,7 @@ IMPORT_SCOPE = "rewritten"
 class Emitted:
     function: Any           # tf.function over the flat inputs, with an input signature
     graph_def: Any          # what was imported (also handy for inspection)
+    renamed: dict           # library function -> the fresh name of its rewritten body
 
     @property
     def concrete_function(self) -> Any:
@@ -37,7 +38,7 @@ class Emitted:
 def emit(program: Program, capture: Capture) -> Emitted:
     user_inputs = list(capture.input_placeholders)
     fed = set(user_inputs) | set(capture.captured)
-    graph_def = program.to_graph_def()
+    graph_def, renamed = program.to_graph_def()
     _register_new_functions(graph_def, program)
     nodes = [n for n in graph_def.node if n.name not in fed]
     del graph_def.node[:]
@@ -74,7 +75,7 @@ def emit(program: Program, capture: Capture) -> Emitted:
                            jit_compile=capture.jit_compile, autograph=False)
     # Trace now, so that failures surface at rewrite time rather than at the first call.
     function.get_concrete_function()
-    return Emitted(function, graph_def)
+    return Emitted(function, graph_def, renamed)
 
 
 def _register_new_functions(graph_def: Any, program: Program) -> None:

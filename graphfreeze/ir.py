@@ -63,6 +63,7 @@ class IR:
         self.args: list[str] = []            # argument placeholders, in signature order
         self.fdef: Any = None                # the FunctionDef it was built from
         self.changed = False                 # set by every edit; changed bodies get new names
+        self.const_cache: dict = {}          # constants the passes share (see passes/masks.py)
 
     @property
     def rets(self) -> list[str]:
@@ -301,6 +302,7 @@ class IR:
         del nd.attr["T"].list.type[:]
         nd.attr["T"].list.type.extend(types[k] for k in keep)
         data["nodedef"] = nd
+        data["modified"] = True
         data["dtypes"] = [data["dtypes"][k] for k in keep]
         data["shapes"] = [data["shapes"][k] for k in keep if k < len(data["shapes"])]
         g = self.graph
@@ -322,6 +324,7 @@ class IR:
         """Replace a node's NodeDef (never mutate the traced one: it is shared)."""
         self.changed = True
         self.graph.nodes[node]["nodedef"] = nodedef
+        self.graph.nodes[node]["modified"] = True
 
     def remove_inputs(self, node: str, indices: Sequence[int]) -> None:
         """Drop some data inputs of `node`, renumbering the rest (attrs are the caller's job)."""

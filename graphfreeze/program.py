@@ -209,8 +209,9 @@ class Program:
 
     # ------------------------------------------------------------------ emission
 
-    def to_graph_def(self) -> Any:
-        """The main GraphDef with a library in which changed bodies have fresh names."""
+    def to_graph_def(self) -> tuple[Any, dict[str, str]]:
+        """The main GraphDef with a library in which changed bodies have fresh names, and
+        the renaming. Call once: call ops are retargeted in place."""
         renamed = self._renames()
         for ir in self.graphs():
             for node in self.call_nodes(ir):
@@ -219,7 +220,7 @@ class Program:
         library.CopyFrom(self.main.library)
         for old, new in renamed.items():
             library.function.append(self._to_function_def(self.bodies[old], new))
-        return self.main.to_graph_def(library=library)
+        return self.main.to_graph_def(library=library), renamed
 
     def _renames(self) -> dict[str, str]:
         changed = {name for name, body in self.bodies.items() if body.changed}

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import networkx as nx
+
+from .flops import flops_of
 from .plan import Plan
 
 
@@ -40,10 +43,10 @@ class Report:
     mode: str
     rows: list[VariableRow]
     pruned_state: dict[str, list[str]]
-    ops_before: int
-    ops_after: int
+    ops_before: int | None
+    ops_after: int | None
     trainable_total: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    flops: dict[str, int] = field(default_factory=dict)  # removed_backward, removed_optimizer, added
 
     @property
     def frozen(self) -> dict[str, int]:
@@ -57,49 +60,98 @@ class Report:
     def __iter__(self) -> Iterator[VariableRow]:
         return iter(self.rows)
 
+    def records(self) -> Iterator[dict[str, Any]]:
+        """One plain dict per frozen variable (pandas-free: `pd.DataFrame(report.records())`)."""
+        for r in self.rows:
+            yield dict(asdict(r), shape=list(r.shape), rules=list(r.rules))
+
+    @property
+    def ops_removed(self) -> int | None:
+        return None if self.ops_before is None else self.ops_before - self.ops_after
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "function": self.function, "mode": self.mode,
-            "variables": [dict(asdict(r), shape=list(r.shape), rules=list(r.rules))
-                          for r in self.rows],
+            "variables": list(self.records()),
             "pruned_state": self.pruned_state,
             "totals": {"parameters_frozen": self.parameters_frozen,
                        "trainable_parameters": self.trainable_total,
                        "ops_before": self.ops_before, "ops_after": self.ops_after,
-                       "ops_removed": self.ops_before - self.ops_after, **self.extra},
+                       "ops_removed": self.ops_removed,
+                       **{f"flops_{k}": v for k, v in self.flops.items()}},
         }
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+    def summary_lines(self) -> list[str]:
+        """The totals under the table."""
+        line = f"frozen parameters: {self.parameters_frozen:,} of " \
+               f"{self.parameters_frozen + self.trainable_total:,}"
+        if self.ops_before is not None:
+            line += f"; ops: {self.ops_before:,} -> {self.ops_after:,} ({self.ops_removed:,} removed)"
+        out = [line]
+        if self.flops:
+            f = self.flops
+            out.append(f"estimated FLOPs per step removed: {_human(f['removed_backward'])} backward, "
+                       f"{_human(f['removed_optimizer'])} optimizer; added by masks: "
+                       f"{_human(f['added'])}")
+        if self.pruned_state:
+            names = sorted(self.pruned_state)
+            out.append(f"optimizer state pruned: {len(names)} variables ({', '.join(names[:4])}"
+                       f"{', ...' if len(names) > 4 else ''})")
+        return out
 
     def __str__(self) -> str:
         header = ("variable", "shape", "frozen/total", "state", "rule(s)")
         body = [(r.path, "x".join(map(str, r.shape)) or "scalar", f"{r.frozen}/{r.total}",
                  "pruned" if r.state_pruned else "-", "; ".join(r.rules)) for r in self.rows]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-        line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-        out = [f"graphfreeze report for {self.function} ({self.mode} mode)", line(header),
+
+        def line(row) -> str:
+            return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+
+        out = [f"graphfreeze report for {self.function} ({self.mode})", line(header),
                line(["-" * w for w in widths])]
         out += [line(row) for row in body] or ["(nothing frozen)"]
-        out.append(f"frozen parameters: {self.parameters_frozen:,} of "
-                   f"{self.parameters_frozen + self.trainable_total:,}; ops: {self.ops_before:,} -> "
-                   f"{self.ops_after:,} ({self.ops_before - self.ops_after:,} removed)")
-        if self.pruned_state:
-            out.append(f"optimizer state pruned: {len(self.pruned_state)} variables "
-                       f"({', '.join(sorted(self.pruned_state)[:4])}"
-                       f"{', ...' if len(self.pruned_state) > 4 else ''})")
-        return "\n".join(out)
+        return "\n".join(out + self.summary_lines())
 
 
-def build_report(plan: Plan, ops_before: int, ops_after: int) -> Report:
-    owners_pruned = Counter(o for owners in plan.notes.pruned_state.values() for o in owners)
-    rows = [VariableRow(vf.variable.path, vf.variable.shape, vf.n_frozen, vf.frozen.size,
-                        tuple(vf.rules), owners_pruned[vf.variable.path] > 0)
-            for vf in plan.freezes]
-    frozen_ids = {id(vf.variable) for vf in plan.freezes}
-    counts = {id(vf.variable): vf.n_frozen for vf in plan.freezes}
-    trainable_total = sum(v.size - counts.get(id(v), 0) for v in plan.capture.variables
-                          if v.trainable and not v.optimizer_state
-                          and (id(v) not in frozen_ids or counts[id(v)] < v.size))
-    return Report(plan.capture.function_name, "training" if plan.training else "forward",
-                  rows, dict(plan.notes.pruned_state), ops_before, ops_after, trainable_total)
+def _human(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return str(n)
+
+
+def removed_flops(original: nx.MultiDiGraph, rewritten: nx.MultiDiGraph) -> dict[str, int]:
+    """Estimated FLOPs per step: removed backward work (the tape's gradient ops), removed
+    optimizer work (everything else removed), and work added by inserted ops."""
+    removed = [n for n in original if n not in rewritten]
+    backward = [n for n in removed if n.startswith("gradient_tape/")]
+    optimizer = [n for n in removed if not n.startswith("gradient_tape/")]
+    added = [n for n, d in rewritten.nodes(data=True) if d.get("inserted")]
+    return {"removed_backward": flops_of(original, backward)[0],
+            "removed_optimizer": flops_of(original, optimizer)[0],
+            "added": flops_of(rewritten, added)[0]}
+
+
+def variable_rows(freezes, pruned_state: dict[str, list[str]]) -> list[VariableRow]:
+    owners_pruned = Counter(o for owners in pruned_state.values() for o in owners)
+    return [VariableRow(vf.variable.path, vf.variable.shape, vf.n_frozen, vf.frozen.size,
+                        tuple(vf.rules), owners_pruned[vf.variable.path] > 0) for vf in freezes]
+
+
+def trainable_parameters(variables, freezes) -> int:
+    """Entries of trainable model variables that are not frozen."""
+    frozen = {id(vf.variable): vf.n_frozen for vf in freezes}
+    return sum(v.size - frozen.get(id(v), 0) for v in variables
+               if v.trainable and not v.optimizer_state)
+
+
+def build_report(plan: Plan, ops_before: int | None, ops_after: int | None,
+                 flops: dict[str, int] | None = None) -> Report:
+    return Report(plan.capture.function_name, "training step" if plan.training else "forward function",
+                  variable_rows(plan.freezes, plan.notes.pruned_state), dict(plan.notes.pruned_state),
+                  ops_before, ops_after, trainable_parameters(plan.capture.variables, plan.freezes),
+                  flops or {})

@@ -7,12 +7,15 @@ from typing import Any
 import networkx as nx
 
 from .capture import Capture
+from .diff import Diff, diff_graphs
 from .emit import Emitted
 from .errors import FreezeError
 from .ir import IR
+from .passes.strip_markers import remove_markers
 from .plan import Plan
 from .program import Program
-from .report import Report, build_report
+from .render import Picture, graphviz_svg, picture, render_dot, to_dot, to_html
+from .report import Report, build_report, removed_flops
 
 
 class Rewritten:
@@ -70,12 +73,14 @@ class Rewritten:
     def original_graph(self) -> nx.MultiDiGraph:
         """The traced graph before any pass, without graphfreeze's gradient markers."""
         if self._original_view is None:
-            from .passes.strip_markers import remove_markers
-            traced = IR.from_graph_def(self._capture.graph_def, self._capture.meta)
-            remove_markers(traced, [n for m in self._capture.markers if m.functions is None
-                                    for n in (m.values, m.indices)])
-            self._original_view = traced.graph
+            self._original_view = self._traced_ir().graph
         return self._original_view
+
+    def _traced_ir(self) -> IR:
+        traced = IR.from_graph_def(self._capture.graph_def, self._capture.meta)
+        remove_markers(traced, [n for m in self._capture.markers if m.functions is None
+                                for n in (m.values, m.indices)])
+        return traced
 
     @property
     def ir(self) -> IR:
@@ -87,16 +92,54 @@ class Rewritten:
         return self._emitted.graph_def
 
     def report(self) -> Report:
-        """What is frozen, by which rule, and how many ops the rewrite removed."""
-        return build_report(self.plan, self.original_graph.number_of_nodes(),
-                            self.graph.number_of_nodes())
+        """Per frozen variable: shape, frozen/total entries, rules, pruned optimizer state;
+        totals: parameters frozen, ops removed, estimated FLOPs removed per step."""
+        original = self.original_graph
+        return build_report(self.plan, original.number_of_nodes(), self.graph.number_of_nodes(),
+                            removed_flops(original, self.graph))
 
-    def to_dot(self, *, max_nodes: int = 400) -> str:
-        """DOT text of the rewritten graph; removed nodes dashed, inserted ones orange."""
-        from .render import to_dot
+    def diff(self) -> Diff:
+        """Ops added and removed by type, and the nodes the passes inserted."""
+        renamed = {old: new for old, new in self._emitted.renamed.items()}
+        return diff_graphs(self.original_graph, self.graph, renamed)
+
+    def picture(self, budget: int = 40) -> Picture:
         frozen = {vf.variable.placeholder for vf in self.plan.freezes}
-        return to_dot(self.graph, original=self.original_graph, frozen_placeholders=frozen,
-                      max_nodes=max_nodes, title=self._capture.function_name)
+        return picture(self.graph, self.original_graph, frozen, budget)
+
+    def to_dot(self, *, max_nodes: int = 40) -> str:
+        """DOT text of the rewritten graph: frozen variables blue, inserted ops orange,
+        removed regions grey and dashed; collapsed by name scope beyond `max_nodes` boxes."""
+        return to_dot(self.picture(max_nodes), self._capture.function_name)
+
+    def render(self, path: str, *, max_nodes: int = 40) -> str:
+        """Draw the picture to `path` (.svg, .png, .pdf) with Graphviz's `dot`.
+
+        >>> rw.render("step.svg")     # doctest: +SKIP
+        """
+        return render_dot(self.to_dot(max_nodes=max_nodes), path)
+
+    def to_html(self, path: str, *, max_nodes: int = 40) -> str:
+        """Write one self-contained HTML file: the report, the diff and the picture (an
+        inline SVG, drawn by Graphviz when it is installed and by graphfreeze otherwise; no
+        network needed to view it)."""
+        title = f"graphfreeze: {self._capture.function_name}"
+        pic = self.picture(max_nodes)
+        svg = graphviz_svg(to_dot(pic, self._capture.function_name))  # None without Graphviz
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(to_html(self.report(), self.diff(), pic, title, svg))
+        return path
+
+    def to_tensorboard(self, logdir: str, *, include_original: bool = False) -> list[str]:
+        """Write the rewritten graph (and optionally the traced one) for TensorBoard's graph
+        dashboard, as runs `rewritten` and `original` under `logdir`."""
+        import os
+
+        from .tensorboard import write_graph
+        runs = [write_graph(self._emitted.graph_def, os.path.join(logdir, "rewritten"))]
+        if include_original:
+            runs.append(write_graph(self._traced_ir().to_graph_def(), os.path.join(logdir, "original")))
+        return runs
 
     def __repr__(self) -> str:
         return (f"<Rewritten {self._capture.function_name} ({'training' if self.training else 'forward'}"

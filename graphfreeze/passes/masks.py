@@ -30,6 +30,22 @@ def slug(path: str) -> str:
     return path.replace("/", "_").replace(":", "_")
 
 
+def _shared_const(ir: IR, key: tuple, name: str, value: np.ndarray, dtype: tf.DType, device: str,
+                  after: float | None, pass_name: str) -> Tensor:
+    """One constant per (graph, variable, kind, dtype), however many ops use it. A reused
+    constant moves up in program order to precede its new consumer (it has no inputs)."""
+    cache = ir.const_cache
+    tensor = cache.get(key)
+    if tensor is not None and tensor[0] in ir:
+        if after is not None:
+            node = ir.graph.nodes[tensor[0]]
+            node["order"] = min(node["order"], after + 1e-9)
+        return tensor
+    tensor = ir.add_const(name, value, dtype, device=device, after=after, inserted_by=pass_name)
+    cache[key] = tensor
+    return tensor
+
+
 def keep_const(ir: IR, vf: VariableFreeze, dtype: tf.DType, *, gathered: bool = False,
                device: str = "", after: float | None = None, pass_name: str = "") -> Tensor:
     """1 where the entry trains, 0 where frozen, in `dtype` (for g * keep).
@@ -37,13 +53,14 @@ def keep_const(ir: IR, vf: VariableFreeze, dtype: tf.DType, *, gathered: bool = 
     `gathered` keeps axis 0 whole so the constant can be gathered with sparse row indices.
     """
     value = compress(~vf.frozen, keep_axis0=gathered).astype(dtype.as_numpy_dtype)
-    return ir.add_const(f"graphfreeze/keep/{slug(vf.variable.path)}", value, dtype,
-                        device=device, after=after, inserted_by=pass_name)
+    return _shared_const(ir, ("keep", vf.variable.path, dtype.name, gathered),
+                         f"graphfreeze/keep/{slug(vf.variable.path)}", value, dtype, device, after,
+                         pass_name)
 
 
 def frozen_const(ir: IR, vf: VariableFreeze, *, gathered: bool = False, device: str = "",
                  after: float | None = None, pass_name: str = "") -> Tensor:
     """True where the entry is frozen, as a compressed bool constant for SelectV2."""
-    return ir.add_const(f"graphfreeze/frozen/{slug(vf.variable.path)}",
-                        compress(vf.frozen, keep_axis0=gathered),
-                        tf.bool, device=device, after=after, inserted_by=pass_name)
+    return _shared_const(ir, ("frozen", vf.variable.path, "bool", gathered),
+                         f"graphfreeze/frozen/{slug(vf.variable.path)}",
+                         compress(vf.frozen, keep_axis0=gathered), tf.bool, device, after, pass_name)

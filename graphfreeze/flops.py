@@ -1,0 +1,90 @@
+"""Rough FLOP counts per op from the static shapes kept on the IR.
+
+Only the order of magnitude matters (the report says how much backward and optimizer work
+a rewrite removed), so the table covers what dominates training steps: matrix products
+and convolutions exactly, everything else as one FLOP per output (or input, for
+reductions) element, bookkeeping ops as free.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import networkx as nx
+
+FREE = frozenset({
+    "Const", "Placeholder", "Identity", "IdentityN", "NoOp", "Reshape", "Squeeze", "ExpandDims",
+    "Shape", "ShapeN", "Size", "Rank", "ReadVariableOp", "VarHandleOp", "StopGradient",
+    "PreventGradient", "_Retval", "BroadcastGradientArgs", "StridedSlice", "ConcatV2", "Pack",
+    "Unpack", "Fill", "ZerosLike", "OnesLike", "Cast", "Transpose", "Tile", "GatherV2",
+})
+REDUCTIONS = frozenset({"Sum", "Mean", "Max", "Min", "Prod", "BiasAddGrad", "L2Loss",
+                        "UnsortedSegmentSum", "EuclideanNorm", "All", "Any"})
+CONVOLUTIONS = frozenset({"Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter", "Conv3D",
+                          "DepthwiseConv2dNative", "DepthwiseConv2dNativeBackpropInput",
+                          "DepthwiseConv2dNativeBackpropFilter"})
+
+
+def _size(shape) -> int | None:
+    if shape is None or any(d is None or d < 0 for d in shape):
+        return None
+    return prod(shape)
+
+
+def _input_shapes(graph: nx.MultiDiGraph, node: str) -> list:
+    found = []
+    for src, _, attrs in graph.in_edges(node, data=True):
+        if attrs["control"]:
+            continue
+        shapes = graph.nodes[src]["shapes"]
+        k = attrs["src_output"]
+        found.append((attrs["dst_input"], shapes[k] if k < len(shapes) else None))
+    return [s for _, s in sorted(found, key=lambda x: x[0])]
+
+
+def op_flops(graph: nx.MultiDiGraph, node: str) -> int | None:
+    """Estimated FLOPs of one execution of `node`; None when shapes are unknown."""
+    data = graph.nodes[node]
+    op = data["op"]
+    if op in FREE:
+        return 0
+    outs = data.get("shapes") or []
+    out = _size(outs[0]) if outs else 0
+    ins = _input_shapes(graph, node)
+    if op in ("MatMul", "BatchMatMulV2", "BatchMatMul"):
+        nd = data["nodedef"]
+        a = ins[0] if ins else None
+        if a is None or out is None or len(a) < 2:
+            return None
+        adj = nd.attr["transpose_a"].b or nd.attr["adj_x"].b
+        k = a[-2] if adj else a[-1]
+        return 2 * out * k
+    if op in CONVOLUTIONS:
+        # Forward, input-gradient and filter-gradient convolutions all do one multiply-add
+        # per (output-side element, window entry); the window is kh*kw*Cin (kh*kw when
+        # depthwise). The output side is the forward output, or the incoming gradient.
+        if op.endswith("BackpropFilter"):
+            grad, filt = (ins[2] if len(ins) > 2 else None), (outs[0] if outs else None)
+        elif op.endswith("BackpropInput"):
+            grad, filt = (ins[2] if len(ins) > 2 else None), (ins[1] if len(ins) > 1 else None)
+        else:
+            grad, filt = (outs[0] if outs else None), (ins[1] if len(ins) > 1 else None)
+        if _size(grad) is None or filt is None or len(filt) < 3:
+            return None
+        window = prod(filt[:-2]) * (1 if op.startswith("Depthwise") else filt[-2])
+        return 2 * _size(grad) * window
+    if op in REDUCTIONS:
+        return _size(ins[0]) if ins else None
+    return out
+
+
+def flops_of(graph: nx.MultiDiGraph, nodes) -> tuple[int, int]:
+    """(total estimated FLOPs, number of ops whose FLOPs are unknown)."""
+    total, unknown = 0, 0
+    for n in nodes:
+        f = op_flops(graph, n)
+        if f is None:
+            unknown += 1
+        else:
+            total += f
+    return total, unknown
