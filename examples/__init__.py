@@ -6,4 +6,5 @@ SCENARIOS = [
     "seed001_reuse_lower_layers",
     "seed002_fixed_embedding_rows",
     "seed004_keep_output_constant",
+    "keras_fit_transfer",
 ]

@@ -18,6 +18,7 @@ except ImportError as _e:  # pragma: no cover - exercised only without TensorFlo
         "(tensorflow[and-cuda])."
     ) from _e
 
+from . import keras  # noqa: E402  (gf.keras.freeze / unfreeze / rewritten)
 from .api import FrozenFunction, freeze, rewrite
 from .diff import Diff
 from .dryrun import plan
@@ -30,7 +31,7 @@ from .rules import Columns, Freeze, Mask, Rows, Rule, Unfreeze
 __version__ = "0.1.0"
 
 __all__ = [
-    "freeze", "rewrite", "plan", "FrozenFunction", "Rewritten", "Report", "Diff",
+    "freeze", "rewrite", "plan", "keras", "FrozenFunction", "Rewritten", "Report", "Diff",
     "Rule", "Freeze", "Rows", "Columns", "Mask", "Unfreeze",
     "FreezeError", "RuleError", "CaptureError", "UnsupportedGraphError", "RenderError",
 ]

@@ -111,6 +111,7 @@ class FrozenFunction:
         self.rules = _normalize(list(rules))
         self.batchnorm_inference = batchnorm_inference
         self._cache: dict[Any, Rewritten] = {}
+        self.latest: Rewritten | None = None   # the rewrite used most recently
         self._lock = threading.Lock()
         self._bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         functools.update_wrapper(self, fn)
@@ -129,7 +130,8 @@ class FrozenFunction:
         return rw
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.rewritten(*args, **kwargs)(*args, **kwargs)
+        rw = self.latest = self.rewritten(*args, **kwargs)
+        return rw(*args, **kwargs)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:

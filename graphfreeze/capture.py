@@ -23,7 +23,14 @@ from tensorflow.python.eager import backprop
 from tensorflow.python.eager.polymorphic_function import function_type_utils
 
 from .errors import CaptureError
-from .variables import VariableInfo, is_keras_variable, module_variables, resource_variable, variable_path
+from .variables import (
+    VariableInfo,
+    is_keras_variable,
+    metric_variables,
+    module_variables,
+    resource_variable,
+    variable_path,
+)
 
 MARKER_NAME = "graphfreeze_grad"
 _TRACE_LOCK = threading.RLock()
@@ -161,12 +168,13 @@ def _reachable_objects(fn: Callable) -> list[Any]:
     return out
 
 
-def _discover(objects: list[Any]) -> tuple[dict[int, Any], set[int], list[tf.Variable]]:
-    """Keras variables by id of their tf.Variable, ids of optimizer-owned variables, and
-    every tf.Variable found (to map handles used without a Python-level read)."""
+def _discover(objects: list[Any]) -> tuple[dict[int, Any], set[int], set[int], list[tf.Variable]]:
+    """Keras variables by id of their tf.Variable, ids of optimizer-owned and of metric
+    variables, and every tf.Variable found (to map handles used without a Python read)."""
     keras_by_tf: dict[int, Any] = {}
     plain: list[tf.Variable] = []
     optimizer_ids: set[int] = set()
+    metric_ids: set[int] = set()
     opt_cls = _keras_optimizer_class()
     pending = list(objects)
     seen: set[int] = set()
@@ -190,10 +198,13 @@ def _discover(objects: list[Any]) -> tuple[dict[int, Any], set[int], list[tf.Var
         variables = module_variables(obj)
         if variables is not None:
             pending.extend(variables)
+            metrics = metric_variables(obj)
+            metric_ids.update(id(resource_variable(v)) for v in metrics)
+            pending.extend(metrics)
             optimizer = getattr(obj, "optimizer", None)
             if optimizer is not None:
                 pending.append(optimizer)
-    return keras_by_tf, optimizer_ids, plain
+    return keras_by_tf, optimizer_ids, metric_ids, plain
 
 
 # --------------------------------------------------------------------------- trace
@@ -228,7 +239,7 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
             raise CaptureError(f"tracing {name} failed with {type(e).__name__}: {e}") from e
     graph = cf.graph
 
-    keras_by_tf, optimizer_ids, found = _discover(
+    keras_by_tf, optimizer_ids, metric_ids, found = _discover(
         list(extra_objects) + _reachable_objects(py_fn) + [k for _, _, k in recorder.records])
     tf_vars = {id(v.handle): v for v in found}
     tf_vars.update({id(v.handle): v for v in graph.variables})
@@ -242,7 +253,7 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
             path=variable_path(keras_var if keras_var is not None else var),
             shape=tuple(var.shape.as_list()), dtype=var.dtype, variable=var,
             keras_variable=keras_var, placeholder=internal.op.name, trainable=var.trainable,
-            optimizer_state=id(var) in optimizer_ids))
+            optimizer_state=id(var) in optimizer_ids, metric_state=id(var) in metric_ids))
     if not variables:
         raise CaptureError(f"{name} reads no variable, so there is nothing to freeze; pass the "
                            "training step (or forward function) that uses the model.")

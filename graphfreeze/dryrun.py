@@ -7,7 +7,14 @@ from typing import Any
 
 from .report import Report, trainable_parameters, variable_rows
 from .rules import RuleLike, as_rule, resolve
-from .variables import VariableInfo, is_keras_variable, module_variables, resource_variable, variable_path
+from .variables import (
+    VariableInfo,
+    is_keras_variable,
+    metric_variables,
+    module_variables,
+    resource_variable,
+    variable_path,
+)
 
 
 def _variables_of(target: Any) -> list[Any]:
@@ -32,6 +39,7 @@ def plan(model_or_variables: Any, *rules: RuleLike) -> Report:
 
     >>> print(gf.plan(model, "hidden1/*", gf.Rows("emb/embeddings", ids)))   # doctest: +SKIP
     """
+    metrics = {id(resource_variable(v)) for v in metric_variables(model_or_variables)}
     seen, infos = set(), []
     for v in _variables_of(model_or_variables):
         var = resource_variable(v)
@@ -41,7 +49,7 @@ def plan(model_or_variables: Any, *rules: RuleLike) -> Report:
         infos.append(VariableInfo(
             path=variable_path(v), shape=tuple(var.shape.as_list()), dtype=var.dtype, variable=var,
             keras_variable=v if is_keras_variable(v) else None, placeholder="",
-            trainable=bool(getattr(v, "trainable", var.trainable))))
+            trainable=bool(getattr(v, "trainable", var.trainable)), metric_state=id(var) in metrics))
     freezes = resolve([as_rule(r) for r in rules], infos)
     name = getattr(model_or_variables, "name", None) or type(model_or_variables).__name__
     return Report(str(name), "plan, nothing traced", variable_rows(freezes, {}), {}, None, None,

@@ -146,7 +146,7 @@ def trainable_parameters(variables, freezes) -> int:
     """Entries of trainable model variables that are not frozen."""
     frozen = {id(vf.variable): vf.n_frozen for vf in freezes}
     return sum(v.size - frozen.get(id(v), 0) for v in variables
-               if v.trainable and not v.optimizer_state)
+               if v.trainable and v.model_state)
 
 
 def build_report(plan: Plan, ops_before: int | None, ops_after: int | None,

@@ -85,10 +85,11 @@ def _closest_paths(pattern: str, paths: Sequence[str], n: int = 3) -> list[str]:
 def match_target(target: Target, variables: Sequence[VariableInfo], rule: Rule) -> list[VariableInfo]:
     """The variables `target` designates among those the function reads; never empty."""
     if isinstance(target, str):
-        # Optimizer state is graphfreeze's business: "*" must not freeze Adam's iteration.
-        found = [v for v in variables if not v.optimizer_state and _glob_matches(target, v.path)]
+        # Optimizer and metric state are not weights: "*" must not freeze Adam's iteration
+        # counter or a loss tracker.
+        found = [v for v in variables if v.model_state and _glob_matches(target, v.path)]
         if not found:
-            model_paths = [v.path for v in variables if not v.optimizer_state]
+            model_paths = [v.path for v in variables if v.model_state]
             close = _closest_paths(target, model_paths)
             hint = (f" Closest variable paths: {', '.join(repr(p) for p in close)}." if close
                     else " The function reads no model variable.")

@@ -28,7 +28,13 @@ class VariableInfo:
     keras_variable: Any | None
     placeholder: str
     trainable: bool
-    optimizer_state: bool = False
+    optimizer_state: bool = False   # slots, accumulators, EMA, the step counter
+    metric_state: bool = False      # Keras metrics' totals and counts
+
+    @property
+    def model_state(self) -> bool:
+        """A weight or a statistic of the model: what globs may match."""
+        return not (self.optimizer_state or self.metric_state)
 
     @property
     def size(self) -> int:
@@ -62,14 +68,26 @@ def variable_path(obj: Any) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
+def metric_variables(obj: Any) -> list[Any]:
+    """Variables of a Keras model's metrics (loss tracker included), which are not weights."""
+    try:
+        metrics = list(getattr(obj, "metrics", None) or [])
+    except Exception:
+        return []
+    found = []
+    for metric in metrics:
+        found.extend(module_variables(metric) or [])
+    return found
+
+
 def module_variables(obj: Any) -> list[Any] | None:
     """All variables of a Keras layer/model or `tf.Module`, trainable or not; else None."""
-    if isinstance(obj, (str, bytes)) or resource_variable(obj) is not None:
+    if isinstance(obj, (str, bytes, type)) or resource_variable(obj) is not None:
         return None
-    variables = getattr(obj, "variables", None)
-    if variables is None or callable(variables):
-        return None
-    try:
+    try:  # discovery is best effort: some objects' `variables` properties raise
+        variables = getattr(obj, "variables", None)
+        if variables is None or callable(variables):
+            return None
         return list(variables)
-    except TypeError:
+    except Exception:
         return None
