@@ -67,7 +67,21 @@ def corpus(d: dict) -> str:
             f"{c['steps_per_round']} steps):\n\n" + "\n".join(lines))
 
 
-SECTIONS = {"core": core, "partial": partial, "corpus": corpus}
+def transfer(d: dict) -> str:
+    c = d["config"]
+    return (f"`match_layers` between {c['source']} and {c['target']} ({d['pairs']} of "
+            f"{d['target_layers_with_weights']} target layers with weights match, "
+            f"{d['parameters_matched']:,} parameters), against one plain trace of the source's "
+            f"train step ({d['graph_nodes']:,} nodes); median of {c['repeats']}:\n\n"
+            "| what | seconds | × one trace |\n|---|---|---|\n"
+            f"| plain trace of the train step | {d['plain_trace_s']:.2f} | 1.00 |\n"
+            f"| `match_layers` on the Keras layer graphs (functional, Sequential) | "
+            f"{d['match_keras_s']:.3f} | {d['ratio_keras']:.3f} |\n"
+            f"| `match_layers` on traced forward graphs (needed for subclassed models) | "
+            f"{d['match_traced_s']:.2f} | {d['ratio_traced']:.2f} |")
+
+
+SECTIONS = {"core": core, "partial": partial, "corpus": corpus, "transfer": transfer}
 
 
 def main() -> int:

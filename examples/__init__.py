@@ -5,6 +5,7 @@ SCENARIOS = [
     "seed000_grow_layer",
     "seed001_reuse_lower_layers",
     "seed002_fixed_embedding_rows",
+    "seed003_shared_early_layers",
     "seed004_keep_output_constant",
     "keras_fit_transfer",
 ]

@@ -27,11 +27,13 @@ from .render import RenderError
 from .report import Report
 from .rewritten import Rewritten
 from .rules import Columns, Freeze, Mask, Rows, Rule, Unfreeze
+from .transfer import MatchReport, TransferError, Transferred, match_layers, transfer, transfer_report
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "freeze", "rewrite", "plan", "keras", "FrozenFunction", "Rewritten", "Report", "Diff",
+    "freeze", "rewrite", "plan", "keras", "transfer", "transfer_report", "match_layers",
+    "MatchReport", "Transferred", "TransferError", "FrozenFunction", "Rewritten", "Report", "Diff",
     "Rule", "Freeze", "Rows", "Columns", "Mask", "Unfreeze",
     "FreezeError", "RuleError", "CaptureError", "UnsupportedGraphError", "RenderError",
 ]
