@@ -24,7 +24,7 @@ from typing import Any, Union
 import numpy as np
 
 from .errors import RuleError
-from .variables import VariableInfo, module_variables, resource_variable, variable_path
+from .variables import VariableInfo, is_rng_state, module_variables, resource_variable, variable_path
 
 __all__ = ["Rule", "Freeze", "Rows", "Columns", "Mask", "Unfreeze", "as_rule", "resolve",
            "VariableFreeze", "RuleLike"]
@@ -98,10 +98,16 @@ def match_target(target: Target, variables: Sequence[VariableInfo], rule: Rule) 
                 "pattern matches a whole variable path or any suffix starting after a '/', "
                 "e.g. 'hidden1/*' matches 'sequential/hidden1/kernel'.")
         return found
+    # A variable named directly is taken as asked; a layer contributes its weights and
+    # statistics, not the RNG state of its dropout (which would then repeat one mask).
     wanted = [resource_variable(target)] if resource_variable(target) is not None else [
-        resource_variable(v) for v in module_variables(target) or []]
+        resource_variable(v) for v in module_variables(target) or [] if not is_rng_state(v)]
     ids = {id(w) for w in wanted if w is not None}
     found = [v for v in variables if id(v.variable) in ids]
+    if not ids:
+        raise RuleError(f"rule {rule.describe()} names no weights or statistics to freeze (a "
+                        "layer's RNG state is left alone so that dropout keeps drawing new masks); "
+                        "remove the rule or name the layer that holds the weights.")
     if not found:
         raise RuleError(
             f"rule {rule.describe()} names {len(ids)} variable(s), none of which the function "

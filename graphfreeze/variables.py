@@ -32,9 +32,14 @@ class VariableInfo:
     metric_state: bool = False      # Keras metrics' totals and counts
 
     @property
+    def rng_state(self) -> bool:
+        """A Keras SeedGenerator's state: freezing it would replay one dropout mask forever."""
+        return is_rng_state(self.keras_variable if self.keras_variable is not None else self.variable)
+
+    @property
     def model_state(self) -> bool:
-        """A weight or a statistic of the model: what globs may match."""
-        return not (self.optimizer_state or self.metric_state)
+        """A weight or a statistic of the model: what globs and layer rules may match."""
+        return not (self.optimizer_state or self.metric_state or self.rng_state)
 
     @property
     def size(self) -> int:
@@ -50,6 +55,11 @@ class VariableInfo:
 def is_keras_variable(obj: Any) -> bool:
     """A Keras 3 variable: wraps a `tf.Variable` in `_value` and knows its `path`."""
     return hasattr(obj, "path") and isinstance(getattr(obj, "_value", None), tf.Variable)
+
+
+def is_rng_state(obj: Any) -> bool:
+    name = getattr(obj, "name", "") or ""
+    return name.split(":")[0].endswith("seed_generator_state")
 
 
 def resource_variable(obj: Any) -> tf.Variable | None:

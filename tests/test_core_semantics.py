@@ -169,3 +169,19 @@ def test_glob_freezes_batchnorm_statistics_as_model_state():
     for x, y in DATA[:3]:
         rw(x, y)
     assert all(np.array_equal(v, before[p]) for p, v in snapshot(bn.variables).items())
+
+
+def test_rules_leave_dropout_rng_state_alone():
+    """A layer rule or '*' must not freeze a SeedGenerator: dropout would replay one mask."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="d1"),
+                              keras.layers.Dropout(0.5, name="drop"), keras.layers.Dense(3, name="out")])
+    step = make_step(model, keras.optimizers.SGD(0.1))
+    with pytest.raises(gf.RuleError, match="names no weights or statistics"):
+        gf.rewrite(step, [model.get_layer("drop")], *DATA[0])
+    rw = gf.rewrite(step, ["*", gf.Unfreeze("out/*")], *DATA[0])
+    assert not any("seed_generator" in p for p in rw.report().frozen)
+    seed = next(v for v in model.variables if "seed_generator_state" in v.path)
+    before = seed.numpy().copy()
+    rw(*DATA[0])
+    assert not np.array_equal(seed.numpy(), before), "the dropout seed must keep advancing"
