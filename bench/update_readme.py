@@ -81,7 +81,17 @@ def transfer(d: dict) -> str:
             f"{d['match_traced_s']:.2f} | {d['ratio_traced']:.2f} |")
 
 
-SECTIONS = {"core": core, "partial": partial, "corpus": corpus, "transfer": transfer}
+def distribute(d: dict) -> str:
+    c = d["config"]
+    return (f"{c['strategy']}, custom `strategy.run` step: MLP {c['depth']}×{c['width']}, global batch "
+            f"{c['global_batch']}, {c['optimizer']}, the {c['frozen']} lowest layers frozen (median of "
+            f"{c['rounds']} rounds × {c['steps_per_round']} steps):\n\n"
+            + _rows(d["seconds_per_step"], d["ratio_vs_keras_trainable_false"],
+                    "Keras `trainable=False` (same strategy)"))
+
+
+SECTIONS = {"core": core, "partial": partial, "corpus": corpus, "transfer": transfer,
+            "distribute": distribute}
 
 
 def main() -> int:

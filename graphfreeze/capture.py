@@ -69,6 +69,8 @@ class Capture:
     canonical_args: Callable[[tuple, dict], tuple[list, list]]
     literal_args: list
     captured: dict[str, Any]    # capture placeholder -> the outer tensor it stands for
+    deferred: dict[str, tuple[Callable, Any]] = field(default_factory=dict)  # call-time captures
+    strategy: Any = None        # the tf.distribute strategy owning the captured variables
     variable_by_placeholder: dict[str, VariableInfo] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -150,31 +152,60 @@ def _keras_optimizer_class() -> type | None:
         return None
 
 
-def _reachable_objects(fn: Callable) -> list[Any]:
-    """Objects the step's code refers to: closure cells, globals it names, its `self`."""
+def _reachable_objects(fn: Callable, depth: int = 3) -> list[Any]:
+    """Objects the step's code refers to: closure cells and globals it names, its `self`,
+    and the same for the functions it refers to (a step calling `strategy.run(step_fn)`
+    keeps the model and optimizer in step_fn's closure), a few levels deep."""
     out: list[Any] = []
-    target = inspect.unwrap(fn)
-    owner = getattr(target, "__self__", None)
-    if owner is not None:
-        out.append(owner)
-        out.extend(v for v in vars(owner).values() if not callable(v) or module_variables(v))
-        target = target.__func__
-    try:
-        cv = inspect.getclosurevars(target)
-        out.extend(cv.nonlocals.values())
-        out.extend(cv.globals.values())
-    except (TypeError, ValueError):
-        pass
+    pending, seen = [(fn, 0)], set()
+    while pending:
+        target, level = pending.pop()
+        target = inspect.unwrap(target)
+        if id(target) in seen:
+            continue
+        seen.add(id(target))
+        owner = getattr(target, "__self__", None)
+        if owner is not None and not inspect.ismodule(owner):
+            out.append(owner)
+            out.extend(v for v in vars(owner).values() if not callable(v) or module_variables(v))
+            target = getattr(target, "__func__", target)
+        python_fn = getattr(target, "python_function", target)  # a tf.function's body
+        if not inspect.isfunction(python_fn):
+            continue
+        try:
+            cv = inspect.getclosurevars(python_fn)
+        except (TypeError, ValueError):
+            continue
+        for value in [*cv.nonlocals.values(), *cv.globals.values()]:
+            out.append(value)
+            if level < depth and (inspect.isfunction(value) or inspect.ismethod(value)
+                                  or hasattr(value, "python_function")):
+                pending.append((value, level + 1))
     return out
 
 
-def _discover(objects: list[Any]) -> tuple[dict[int, Any], set[int], set[int], list[tf.Variable]]:
-    """Keras variables by id of their tf.Variable, ids of optimizer-owned and of metric
-    variables, and every tf.Variable found (to map handles used without a Python read)."""
-    keras_by_tf: dict[int, Any] = {}
-    plain: list[tf.Variable] = []
-    optimizer_ids: set[int] = set()
-    metric_ids: set[int] = set()
+@dataclass
+class Discovered:
+    """What the objects a step refers to say about the variables it may capture."""
+
+    keras_by_tf: dict[int, Any] = field(default_factory=dict)  # id(tf.Variable) -> Keras var
+    optimizer_ids: set[int] = field(default_factory=set)
+    metric_ids: set[int] = field(default_factory=set)
+    variables: list[tf.Variable] = field(default_factory=list)
+    # id(per-replica component) -> (its distributed variable, replica index)
+    components: dict[int, tuple[Any, int]] = field(default_factory=dict)
+
+    def add_variable(self, var: tf.Variable) -> None:
+        self.variables.append(var)
+        if isinstance(var, tf.distribute.DistributedValues):
+            for replica, component in enumerate(var.values):
+                self.components[id(component)] = (var, replica)
+                self.variables.append(component)
+
+
+def _discover(objects: list[Any]) -> Discovered:
+    """Walk Keras models, layers, optimizers and variables reachable from `objects`."""
+    found = Discovered()
     opt_cls = _keras_optimizer_class()
     pending = list(objects)
     seen: set[int] = set()
@@ -184,27 +215,27 @@ def _discover(objects: list[Any]) -> tuple[dict[int, Any], set[int], set[int], l
             continue
         seen.add(id(obj))
         if is_keras_variable(obj):
-            keras_by_tf.setdefault(id(obj._value), obj)
-            plain.append(obj._value)
+            found.keras_by_tf.setdefault(id(obj._value), obj)
+            found.add_variable(obj._value)
             continue
         if isinstance(obj, tf.Variable):
-            plain.append(obj)
+            found.add_variable(obj)
             continue
         if opt_cls is not None and isinstance(obj, opt_cls):
             for v in obj.variables:
-                optimizer_ids.add(id(resource_variable(v)))
+                found.optimizer_ids.add(id(resource_variable(v)))
                 pending.append(v)
             continue
         variables = module_variables(obj)
         if variables is not None:
             pending.extend(variables)
             metrics = metric_variables(obj)
-            metric_ids.update(id(resource_variable(v)) for v in metrics)
+            found.metric_ids.update(id(resource_variable(v)) for v in metrics)
             pending.extend(metrics)
             optimizer = getattr(obj, "optimizer", None)
             if optimizer is not None:
                 pending.append(optimizer)
-    return keras_by_tf, optimizer_ids, metric_ids, plain
+    return found
 
 
 # --------------------------------------------------------------------------- trace
@@ -239,21 +270,26 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
             raise CaptureError(f"tracing {name} failed with {type(e).__name__}: {e}") from e
     graph = cf.graph
 
-    keras_by_tf, optimizer_ids, metric_ids, found = _discover(
+    found = _discover(
         list(extra_objects) + _reachable_objects(py_fn) + [k for _, _, k in recorder.records])
-    tf_vars = {id(v.handle): v for v in found}
+    tf_vars = {id(v.handle): v for v in found.variables if not
+               isinstance(v, tf.distribute.DistributedValues)}
     tf_vars.update({id(v.handle): v for v in graph.variables})
     variables = []
     for external, internal in graph.captures:
         var = tf_vars.get(id(external))
         if var is None:
             continue
-        keras_var = keras_by_tf.get(id(var))
+        # A per-replica component stands for its distributed variable: rules, markers and
+        # reports speak of the latter; each component keeps its own placeholder.
+        var, replica = found.components.get(id(var), (var, None))
+        keras_var = found.keras_by_tf.get(id(var))
         variables.append(VariableInfo(
             path=variable_path(keras_var if keras_var is not None else var),
             shape=tuple(var.shape.as_list()), dtype=var.dtype, variable=var,
             keras_variable=keras_var, placeholder=internal.op.name, trainable=var.trainable,
-            optimizer_state=id(var) in optimizer_ids, metric_state=id(var) in metric_ids))
+            optimizer_state=id(var) in found.optimizer_ids,
+            metric_state=id(var) in found.metric_ids, replica=replica))
     if not variables:
         raise CaptureError(f"{name} reads no variable, so there is nothing to freeze; pass the "
                            "training step (or forward function) that uses the model.")
@@ -268,7 +304,9 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
             markers.append(m)
         # else: a discarded trace (tf.function retraces after creating variables)
 
-    internal_ids = {id(i) for _, i in graph.captures}
+    deferred = {t.op.name: (_single_tensor(closure), tf.TensorSpec(t.shape, t.dtype)) for t, closure in
+                zip(graph.deferred_internal_captures, graph.deferred_external_captures)}
+    internal_ids = {id(i) for _, i in graph.captures} | {id(t) for t in graph.deferred_internal_captures}
     meta = {op.name: ([t.dtype.as_datatype_enum for t in op.outputs],
                       [_shape_tuple(t.shape) for t in op.outputs]) for op in graph.get_operations()}
     bound = function_type_utils.canonicalize_function_inputs(
@@ -289,12 +327,30 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
         control_outputs=[op.name for op in graph.control_outputs],
         jit_compile=options["jit_compile"], function_name=name,
         canonical_args=canonical_args, literal_args=_literals(bound),
-        captured={i.op.name: e for e, i in graph.captures})
+        captured={i.op.name: e for e, i in graph.captures}, deferred=deferred,
+        strategy=_strategy_of(variables))
 
 
 def _literals(bound: Any) -> list:
     leaves = tf.nest.flatten((bound.args, bound.kwargs), expand_composites=True)
     return [x for x in leaves if not isinstance(x, (tf.Tensor, tf.Variable, np.ndarray))]
+
+
+def _single_tensor(closure: Callable) -> Callable:
+    """TF's deferred-capture closures return their value as a list of component tensors;
+    each deferred placeholder is one tensor, so hand that tensor back."""
+    def value():
+        parts = closure()
+        return parts[0] if isinstance(parts, (list, tuple)) and len(parts) == 1 else parts
+    return value
+
+
+def _strategy_of(variables: list[VariableInfo]) -> Any:
+    for v in variables:
+        strategy = getattr(v.variable, "_distribute_strategy", None)
+        if strategy is not None:
+            return strategy
+    return tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
 
 
 def _function_names(graph: Any) -> dict[int, set[str]]:

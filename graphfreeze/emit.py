@@ -37,7 +37,7 @@ class Emitted:
 
 def emit(program: Program, capture: Capture) -> Emitted:
     user_inputs = list(capture.input_placeholders)
-    fed = set(user_inputs) | set(capture.captured)
+    fed = set(user_inputs) | set(capture.captured) | set(capture.deferred)
     graph_def, renamed = program.to_graph_def()
     _register_new_functions(graph_def, program)
     nodes = [n for n in graph_def.node if n.name not in fed]
@@ -45,6 +45,7 @@ def emit(program: Program, capture: Capture) -> Emitted:
     graph_def.node.extend(nodes)
     referenced = _referenced(graph_def)
     used_captures = [p for p in capture.captured if p in referenced]
+    used_deferred = [p for p in capture.deferred if p in referenced]
     variables = capture.variable_by_placeholder
     signature = [tf.TensorSpec(_shape(capture, p), tf.as_dtype(capture.meta[p][0][0]), name=p)
                  for p in user_inputs]
@@ -61,6 +62,9 @@ def emit(program: Program, capture: Capture) -> Emitted:
             var = variables.get(p)
             if var is not None:
                 graph.watch_variable(var.variable)
+        for p in used_deferred:  # e.g. collective instance keys, fetched anew at each call
+            closure, spec = capture.deferred[p]
+            input_map[f"{p}:0"] = graph.capture_call_time_value(closure, spec)
         results = tf.graph_util.import_graph_def(
             graph_def, input_map={k: v for k, v in input_map.items()
                                   if k.rpartition(":")[0] in referenced},

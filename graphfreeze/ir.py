@@ -293,32 +293,31 @@ class IR:
     def shrink_identity_n(self, node: str, keep: Sequence[int]) -> None:
         """Keep only outputs `keep` (and their matching inputs) of an IdentityN node."""
         keep = sorted(keep)
-        self.changed = True
-        new_index = {old: new for new, old in enumerate(keep)}
-        data = self.graph.nodes[node]
         nd = node_def_pb2.NodeDef()
-        nd.CopyFrom(data["nodedef"])
+        nd.CopyFrom(self.nodedef(node))
         types = list(nd.attr["T"].list.type)
         del nd.attr["T"].list.type[:]
         nd.attr["T"].list.type.extend(types[k] for k in keep)
-        data["nodedef"] = nd
-        data["modified"] = True
-        data["dtypes"] = [data["dtypes"][k] for k in keep]
-        data["shapes"] = [data["shapes"][k] for k in keep if k < len(data["shapes"])]
-        g = self.graph
-        ins = [(src, key, attrs) for src, _, key, attrs in g.in_edges(node, keys=True, data=True)
-               if not attrs["control"]]
-        outs = [(dst, attrs) for _, dst, attrs in g.out_edges(node, data=True) if not attrs["control"]]
-        for src, key, attrs in ins:
-            g.remove_edge(src, node, key)
-            k = attrs["dst_input"]
-            if k in new_index:
-                g.add_edge(src, node, new_index[k], src_output=attrs["src_output"],
-                           dst_input=new_index[k], control=False)
-        for dst, attrs in outs:
+        self.set_nodedef(node, nd)
+        self.remove_inputs(node, [k for k in range(len(types)) if k not in keep])
+        self.keep_outputs(node, keep)
+
+    def keep_outputs(self, node: str, keep: Sequence[int]) -> None:
+        """Renumber a node's outputs to `keep` (in order); dropped outputs must be unused."""
+        new_index = {old: new for new, old in enumerate(sorted(keep))}
+        data = self.graph.nodes[node]
+        self.changed = True
+        data["dtypes"] = [data["dtypes"][k] for k in sorted(keep)]
+        data["shapes"] = [data["shapes"][k] for k in sorted(keep) if k < len(data["shapes"])]
+        for _, dst, attrs in self.graph.out_edges(node, data=True):
+            if attrs["control"]:
+                continue
             if attrs["src_output"] not in new_index:
                 raise ValueError(f"{node}:{attrs['src_output']} is still used by {dst}")
             attrs["src_output"] = new_index[attrs["src_output"]]
+
+    def set_shape(self, tensor: Tensor, shape: tuple | None) -> None:
+        self.graph.nodes[tensor[0]]["shapes"][tensor[1]] = shape
 
     def set_nodedef(self, node: str, nodedef: Any) -> None:
         """Replace a node's NodeDef (never mutate the traced one: it is shared)."""

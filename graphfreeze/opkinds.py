@@ -61,6 +61,15 @@ ELEMENTWISE = frozenset({
 })
 
 
+# Ops that keep every element of a packed (concatenated) tensor in place, so that the
+# dependence analysis can follow each packed piece through them: the all-reduce that
+# tf.distribute runs on the concatenation of all gradients, and elementwise scaling.
+POSITION_PRESERVING = frozenset({
+    "CollectiveReduceV2", "CollectiveReduce", "NcclAllReduce", "Identity", "StopGradient",
+    "Cast", "Mul", "RealDiv", "Div", "DivNoNan", "AddV2", "Sub", "Neg", "Reshape",
+})
+
+
 def is_write(op: str) -> bool:
     return (op in ASSIGN_OPS or op in OTHER_WRITES or op.startswith(SCATTER_PREFIXES)
             or op.startswith(FUSED_APPLY_PREFIXES))

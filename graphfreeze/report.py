@@ -138,15 +138,17 @@ def removed_flops(original: nx.MultiDiGraph, rewritten: nx.MultiDiGraph) -> dict
 
 def variable_rows(freezes, pruned_state: dict[str, list[str]]) -> list[VariableRow]:
     owners_pruned = Counter(o for owners in pruned_state.values() for o in owners)
+    # A distributed variable is one row, not one per replica component.
     return [VariableRow(vf.variable.path, vf.variable.shape, vf.n_frozen, vf.frozen.size,
-                        tuple(vf.rules), owners_pruned[vf.variable.path] > 0) for vf in freezes]
+                        tuple(vf.rules), owners_pruned[vf.variable.path] > 0) for vf in freezes
+            if not vf.variable.replica]
 
 
 def trainable_parameters(variables, freezes) -> int:
     """Entries of trainable model variables that are not frozen."""
     frozen = {id(vf.variable): vf.n_frozen for vf in freezes}
     return sum(v.size - frozen.get(id(v), 0) for v in variables
-               if v.trainable and v.model_state)
+               if v.trainable and v.model_state and not v.replica)
 
 
 def build_report(plan: Plan, ops_before: int | None, ops_after: int | None,

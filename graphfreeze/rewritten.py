@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import networkx as nx
+import tensorflow as tf
 
 from .capture import Capture
 from .diff import Diff, diff_graphs
@@ -39,6 +40,7 @@ class Rewritten:
     # ------------------------------------------------------------------ running
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_strategy()
         flat, literals = self._capture.canonical_args(args, kwargs)
         if literals != self._capture.literal_args:
             raise FreezeError(
@@ -46,6 +48,19 @@ class Rewritten:
                 f"{self._capture.literal_args} but called with {literals}; use the gf.freeze "
                 "decorator, which rewrites once per input signature, or call gf.rewrite again.")
         return self._emitted.function(*flat)
+
+    def _check_strategy(self) -> None:
+        """A step rewritten for one tf.distribute strategy is tied to its devices and
+        collectives; running it under another strategy cannot be right."""
+        traced = self._capture.strategy
+        if not tf.distribute.has_strategy():
+            return
+        current = tf.distribute.get_strategy()
+        if traced is not None and current is not traced:
+            raise FreezeError(
+                f"{self._capture.function_name} was rewritten under {type(traced).__name__} "
+                f"but is called under {type(current).__name__}; rewrite it (or let gf.freeze "
+                "rewrite it) under the strategy that runs it.")
 
     @property
     def concrete_function(self) -> Any:

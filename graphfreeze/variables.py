@@ -30,6 +30,7 @@ class VariableInfo:
     trainable: bool
     optimizer_state: bool = False   # slots, accumulators, EMA, the step counter
     metric_state: bool = False      # Keras metrics' totals and counts
+    replica: int | None = None      # per-replica component of a distributed variable
 
     @property
     def rng_state(self) -> bool:

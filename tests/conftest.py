@@ -19,6 +19,9 @@ import tensorflow as tf  # noqa: E402
 # Tests run tiny tensors in two worker processes on a two-core machine: one thread each.
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
+# Two logical CPU devices, so MirroredStrategy has two replicas (tests/test_distribute.py).
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 OPTIMIZERS = {
     "sgd_momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),

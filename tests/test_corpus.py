@@ -39,7 +39,9 @@ def test_backbone_frozen_head_trains(name):
     head = _head(model)
     rw = gf.rewrite(make_step(model, keras.optimizers.Adam(1e-3), xent),
                     ["*", gf.Unfreeze(head)], *data[0])
-    backbone = [v for v in model.variables if not any(v is w for w in head.variables)]
+    # RNG state (EfficientNet's dropout seeds) is not frozen by design: it keeps advancing.
+    backbone = [v for v in model.variables if not any(v is w for w in head.variables)
+                and "seed_generator_state" not in v.path]
     before = snapshot(backbone)
     head_before = snapshot(head.variables)
     for x, y in data:

@@ -148,3 +148,13 @@ def test_state_inside_branches_is_pruned():
     changed = [b for b in rw.program.bodies.values() if b.changed]
     assert changed, "the update branch should have been rewritten"
     assert not [n for n, d in rw.graph.nodes(data=True) if d.get("inserted") == "mask_gradients"]
+
+
+def test_global_norm_has_no_frozen_terms():
+    """With global_clipnorm the frozen gradients' zeros would enter the norm; they are folded
+    out, so nothing inserted for them (nor computed from them) is left."""
+    model = mlp(SIZES)
+    rw = gf.rewrite(make_step(model, OPTIMIZERS["Adam"](global_clipnorm=0.1)), ["hidden1/*"], *DATA[0])
+    assert not [n for n, d in rw.graph.nodes(data=True) if d.get("inserted")]
+    squares = [n for n, op in rw.graph.nodes(data="op") if op == "Square" and "hidden1" in n]
+    assert squares == []

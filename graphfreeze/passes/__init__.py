@@ -13,6 +13,7 @@ from ..plan import Plan
 from ..program import Program
 from .batchnorm_inference import batchnorm_inference
 from .dead_code import eliminate_dead_code
+from .fold_zeros import fold_frozen_zeros
 from .guard_writes import guard_writes
 from .mask_gradients import mask_gradients
 from .prune_optimizer_state import prune_optimizer_state
@@ -27,6 +28,7 @@ TRAINING_PIPELINE: Sequence[Pass] = (
     mask_gradients,
     guard_writes,
     prune_optimizer_state,
+    fold_frozen_zeros,
     eliminate_dead_code,
     strip_markers,
 )

@@ -1,7 +1,8 @@
 """Builders for the few op kinds the passes insert, with their attrs, dtypes and shapes.
 
-Every kind here has CPU, GPU and XLA kernels: Const, Fill, Mul, Sub, AddV2, SelectV2,
-GatherV2, StopGradient, ReadVariableOp, ResourceGather, Shape, ConcatV2.
+Every kind here has CPU, GPU and XLA kernels (`INSERTED_OPS`; tests check that inserted
+nodes stay within it and that rewritten steps compile with XLA). Inserted nodes take the
+device of the node they are inserted for, so they are colocated with their neighbours.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import numpy as np
 import tensorflow as tf
 
 from ..ir import IR, Tensor
+
+INSERTED_OPS = frozenset({
+    "Const", "Fill", "Mul", "AddV2", "SelectV2", "GatherV2", "GatherNd", "StopGradient",
+    "ReadVariableOp", "ResourceGather", "ResourceGatherNd", "Shape", "ConcatV2", "Cast",
+})
 
 
 def _broadcast(a: tuple | None, b: tuple | None) -> tuple | None:

@@ -16,17 +16,24 @@ Every variable that has a gradient marker gets an index i and two bits:
   weight, while BatchNorm statistics (reductions of activations) are owned by nobody.
 
 Control edges are ignored (Keras chains all updates with them; they say nothing about
-values). Call ops connect to their bodies: call input k feeds argument k - offset, body
-output k feeds call output k, and a While body's outputs feed its own arguments. The
-bits are solved to a fixpoint over the program, so one analysis of the traced program
-serves the whole pipeline (passes only delete writes and change what flows into markers,
-which leaves every surviving tensor's bits unchanged).
+values). Packed tensors are followed piece by piece: tf.distribute all-reduces gradients as
+ConcatV2 of flattened gradients -> CollectiveReduceV2 -> SplitV; a ConcatV2 along axis 0
+records its inputs' bits as segments, position-preserving ops (the collective, scaling)
+keep them, and each SplitV output gets only the bits of the segments it covers.
+
+Call ops connect to their bodies: call input k feeds argument k - offset, body output k
+feeds call output k, and a While body's outputs feed its own arguments. The bits are solved
+to a fixpoint over the program, so one analysis of the traced program serves the whole
+pipeline (passes only delete writes and change what flows into markers, which leaves every
+surviving tensor's bits unchanged).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
+
+import tensorflow as tf
 
 from .. import opkinds
 from ..ir import IR, RETVAL, Tensor
@@ -57,6 +64,8 @@ class Dependence:
         self.inputs = {(id(g), n): g.inputs(n) for g in self.graphs for n in self.orders[id(g)]}
         self.arg_index = {(id(b), p): i for b in program.bodies.values() for i, p in enumerate(b.args)}
         self.bits: dict[tuple[int, str, int], int] = {}
+        # (graph, node, output) -> [(length, bits), ...] along axis 0, for packed tensors
+        self.segments: dict[tuple[int, str, int], list[tuple[int, int]]] = {}
         self.resource_bits: dict[str, int] = defaultdict(int)
         self._owners: dict[tuple[int, Tensor], frozenset[str]] = {}
         self.writes = [(g, n) for g in self.graphs for n in self.orders[id(g)] if opkinds.is_write(g.op(n))]
@@ -147,6 +156,12 @@ class Dependence:
                 for k in range(n_out):
                     changed |= self._set((gid, node, k), self._call_output_bits(ir, node, k, callees))
                 continue
+            if self._packed(ir, node, op, inputs, n_out):
+                if op in ("SplitV", "Split"):
+                    changed |= self._split(ir, node, op, inputs, n_out)
+                else:
+                    changed |= self._set((gid, node, 0), self._segment_bits((gid, node, 0)))
+                continue
             g = 0
             if op not in opkinds.SHAPE_QUERIES and not _full_reduction(ir, node, inputs):
                 for t in inputs:
@@ -168,6 +183,65 @@ class Dependence:
             value = g | (o << n)
             for k in range(n_out):
                 changed |= self._set((gid, node, k), value)
+        return changed
+
+    def _segment_bits(self, key: tuple[int, str, int]) -> int:
+        out = 0
+        for _, b in self.segments.get(key, ()):
+            out |= b
+        return out
+
+    def _segments_of(self, ir: IR, tensor: Tensor) -> list[tuple[int, int]] | None:
+        key = (id(ir), tensor[0], tensor[1])
+        if key in self.segments:
+            return self.segments[key]
+        shape = ir.shape(tensor)
+        if shape and shape[0] is not None and len(shape) == 1:
+            return [(shape[0], self.tensor_bits(ir, tensor))]
+        return None
+
+    def _packed(self, ir: IR, node: str, op: str, inputs: list[Tensor], n_out: int) -> bool:
+        """Segments for packed tensors; True when `node` was handled piece by piece."""
+        gid = id(ir)
+        if op == "ConcatV2" and len(inputs) > 2 and ir.op(inputs[-1][0]) == "Const" and \
+                int(tf.make_ndarray(ir.attr(inputs[-1][0], "value").tensor)) == 0:
+            parts = [self._segments_of(ir, t) for t in inputs[:-1]]
+            if all(p is not None for p in parts):
+                self.segments[(gid, node, 0)] = [seg for p in parts for seg in p]
+                return True
+        elif op in opkinds.POSITION_PRESERVING and inputs:
+            packed = [t for t in inputs if (gid, t[0], t[1]) in self.segments]
+            if packed:
+                extra = 0  # bits of the other inputs (a scale factor) reach every piece
+                for t in inputs:
+                    if t != packed[0] and not ir.is_resource(t):
+                        extra |= self.tensor_bits(ir, t)
+                base = self.segments[(gid, packed[0][0], packed[0][1])]
+                self.segments[(gid, node, 0)] = [(n, b | extra) for n, b in base]
+                return True
+        elif op in ("SplitV", "Split") and inputs:
+            value = inputs[0] if op == "SplitV" else inputs[1]
+            return (gid, value[0], value[1]) in self.segments
+        return False
+
+    def _split(self, ir: IR, node: str, op: str, inputs: list[Tensor], n_out: int) -> bool:
+        gid = id(ir)
+        value = inputs[0] if op == "SplitV" else inputs[1]
+        segments = self.segments[(gid, value[0], value[1])]
+        changed, offset = False, 0
+        for k in range(n_out):
+            shape = ir.shape((node, k))
+            length = shape[0] if shape and shape[0] is not None else None
+            if length is None:  # sizes unknown: every piece may hold anything
+                bits = self._segment_bits((gid, value[0], value[1]))
+            else:
+                bits, start = 0, 0
+                for n, b in segments:
+                    if start < offset + length and offset < start + n:
+                        bits |= b
+                    start += n
+                offset += length
+            changed |= self._set((gid, node, k), bits)
         return changed
 
     def _arg_bits(self, ir: IR, placeholder: str) -> int:
@@ -205,32 +279,41 @@ def analyze(program: Program, marker_sites: list, variables: dict) -> tuple[Depe
     """Dependence of the traced program; returns it and, per variable index, the variable.
 
     `marker_sites` lists (ir, marker) pairs; `variables` maps placeholders to VariableInfo.
+    The per-replica components of a distributed variable share its index.
     """
-    by_id = {id(v.variable): v for v in variables.values()}
+    components: dict[int, list[Any]] = {}
+    for v in variables.values():
+        components.setdefault(id(v.variable), []).append(v)
     index: dict[int, int] = {}
     owners: dict[int, Any] = {}
     for _, m in marker_sites:
-        var = by_id.get(id(m.variable))
-        if var is not None and id(var) not in index:
-            index[id(var)] = len(index)
-            owners[index[id(var)]] = var
+        group = components.get(id(m.variable))
+        if group and id(m.variable) not in index:
+            index[id(m.variable)] = len(index)
+            owners[index[id(m.variable)]] = group[0]
     n = max(len(index), 1)
     sources, reads = {}, {}
     for ir, m in marker_sites:
-        var = by_id.get(id(m.variable))
-        if var is None:
+        if id(m.variable) not in index:
             continue
-        i = index[id(var)]
+        i = index[id(m.variable)]
         for name in (m.values, m.indices):
             if name and name in ir:
                 sources[(id(ir), (name, 0))] = (1 << i) | (1 << (i + n))
-        reads[var.placeholder] = 1 << (i + n)
+    for key, i in index.items():
+        for v in components[key]:
+            reads[v.placeholder] = 1 << (i + n)
     return Dependence(program, sources, reads, n), owners
+
+
+def marked_placeholders(dep: Dependence) -> set[str]:
+    """Placeholders of every component of every variable that has a gradient."""
+    return set(dep.reads)
 
 
 def optimizer_state(dep: Dependence, owners: dict[int, Any], variables: dict) -> set[str]:
     """Placeholders of variables written with gradient-derived values that have no gradient
     of their own: optimizer slots and accumulators."""
-    marked = {v.placeholder for v in owners.values()}
+    marked = marked_placeholders(dep)
     return {p for p, bits in dep.resource_bits.items()
             if bits & dep.g_mask and p in variables and p not in marked}

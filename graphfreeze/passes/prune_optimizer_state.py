@@ -17,6 +17,7 @@ from collections import defaultdict
 
 from ..plan import Plan
 from ..program import Program
+from .dependence import marked_placeholders
 
 
 def prune_optimizer_state(program: Program, plan: Plan) -> Program:
@@ -26,8 +27,7 @@ def prune_optimizer_state(program: Program, plan: Plan) -> Program:
         return program
     frozen_bits = sum(1 << i for i, v in plan.gradient_owner.items() if v.placeholder in fully)
     live = dep.g_mask & ~frozen_bits
-    exempt = {vf.variable.placeholder for vf in plan.freezes} | \
-        {v.placeholder for v in plan.gradient_owner.values()}
+    exempt = {vf.variable.placeholder for vf in plan.freezes} | marked_placeholders(dep)
     by_placeholder = plan.capture.variable_by_placeholder
     dead: dict[str, int] = {}
     for r, bits in dep.resource_bits.items():
