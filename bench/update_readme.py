@@ -90,8 +90,19 @@ def distribute(d: dict) -> str:
                     "Keras `trainable=False` (same strategy)"))
 
 
+def cache(d: dict) -> str:
+    lines = ["| backbone | variant | ms/epoch |", "|---|---|---|"]
+    for case in d["cases"]:
+        for variant, t in case["seconds_per_epoch"].items():
+            lines.append(f"| {case['case']} | {variant} | {t * 1e3:.1f} |")
+        lines.append(f"| {case['case']} | **cache vs hand-made head / speedup vs uncached** | "
+                     f"**{case['ratio_vs_hand_head']:.2f}× / {case['speedup_vs_uncached']:.1f}×** |")
+    return (f"Epoch time, median of {d['config']['rounds']} epochs per variant, epochs interleaved "
+            "(filling the cache is done once, before, and not counted):\n\n" + "\n".join(lines))
+
+
 SECTIONS = {"core": core, "partial": partial, "corpus": corpus, "transfer": transfer,
-            "distribute": distribute}
+            "distribute": distribute, "cache": cache}
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ except ImportError as _e:  # pragma: no cover - exercised only without TensorFlo
 
 from . import keras  # noqa: E402  (gf.keras.freeze / unfreeze / rewritten)
 from .api import FrozenFunction, freeze, rewrite
+from .cache import CacheError, FrozenPrefixCache, cache_frozen_prefix
 from .diff import Diff
 from .dryrun import plan
 from .errors import CaptureError, FreezeError, RuleError, UnsupportedGraphError
@@ -32,7 +33,8 @@ from .transfer import MatchReport, TransferError, Transferred, match_layers, tra
 __version__ = "0.1.0"
 
 __all__ = [
-    "freeze", "rewrite", "plan", "keras", "transfer", "transfer_report", "match_layers",
+    "freeze", "rewrite", "plan", "keras",
+    "cache_frozen_prefix", "FrozenPrefixCache", "CacheError", "transfer", "transfer_report", "match_layers",
     "MatchReport", "Transferred", "TransferError", "FrozenFunction", "Rewritten", "Report", "Diff",
     "Rule", "Freeze", "Rows", "Columns", "Mask", "Unfreeze",
     "FreezeError", "RuleError", "CaptureError", "UnsupportedGraphError", "RenderError",

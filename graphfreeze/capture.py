@@ -332,8 +332,10 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
 
 
 def _literals(bound: Any) -> list:
+    """The Python values among the arguments (a TensorSpec stands for a tensor)."""
     leaves = tf.nest.flatten((bound.args, bound.kwargs), expand_composites=True)
-    return [x for x in leaves if not isinstance(x, (tf.Tensor, tf.Variable, np.ndarray))]
+    return [x for x in leaves
+            if not isinstance(x, (tf.Tensor, tf.Variable, np.ndarray, tf.TypeSpec))]
 
 
 def _single_tensor(closure: Callable) -> Callable:

@@ -36,27 +36,38 @@ class Emitted:
 
 
 def emit(program: Program, capture: Capture) -> Emitted:
-    user_inputs = list(capture.input_placeholders)
-    fed = set(user_inputs) | set(capture.captured) | set(capture.deferred)
+    """The rewritten step as a tf.function over the step's flat inputs."""
     graph_def, renamed = program.to_graph_def()
     _register_new_functions(graph_def, program)
-    nodes = [n for n in graph_def.node if n.name not in fed]
-    del graph_def.node[:]
-    graph_def.node.extend(nodes)
+    function = import_as_function(graph_def, capture, capture.input_placeholders,
+                                  capture.structured_outputs,
+                                  f"graphfreeze_{_identifier(capture.function_name)}")
+    return Emitted(function, graph_def, renamed)
+
+
+def import_as_function(graph_def: Any, capture: Capture, inputs: list[str], outputs: Any,
+                       name: str, input_specs: dict[str, Any] | None = None) -> Any:
+    """A tf.function importing `graph_def`, fed `inputs` (placeholder names, in argument
+    order) and returning `outputs` (a structure of tensors of the traced graph, or of
+    "node:k" names). The variables and call-time values the graph captured are captured
+    again, so the function reads and writes the same variable objects."""
+    input_specs = input_specs or {}
+    fed = set(inputs) | set(capture.captured) | set(capture.deferred)
+    graph_def = _without(graph_def, fed)
     referenced = _referenced(graph_def)
     used_captures = [p for p in capture.captured if p in referenced]
     used_deferred = [p for p in capture.deferred if p in referenced]
     variables = capture.variable_by_placeholder
-    signature = [tf.TensorSpec(_shape(capture, p), tf.as_dtype(capture.meta[p][0][0]), name=p)
-                 for p in user_inputs]
-    structure = capture.structured_outputs
-    flat_outputs = tf.nest.flatten(structure, expand_composites=True)
-    fetch = sorted({t.name for t in flat_outputs if isinstance(t, tf.Tensor)
-                    and t.name.rpartition(":")[0] not in fed})
+    signature = [input_specs.get(p) or tf.TensorSpec(_shape(capture, p),
+                                                      tf.as_dtype(capture.meta[p][0][0]), name=p)
+                 for p in inputs]
+    flat_outputs = tf.nest.flatten(outputs, expand_composites=True)
+    names = [t.name if isinstance(t, tf.Tensor) else t for t in flat_outputs]
+    fetch = sorted({n for n in names if isinstance(n, str) and n.rpartition(":")[0] not in fed})
 
-    def rewritten_step(*flat_inputs):
+    def imported(*flat_inputs):
         graph = tf.compat.v1.get_default_graph()
-        input_map = {f"{p}:0": t for p, t in zip(user_inputs, flat_inputs)}
+        input_map = {f"{p}:0": t for p, t in zip(inputs, flat_inputs)}
         for p in used_captures:
             input_map[f"{p}:0"] = graph.capture(capture.captured[p])
             var = variables.get(p)
@@ -71,15 +82,23 @@ def emit(program: Program, capture: Capture) -> Emitted:
             return_elements=fetch, name=IMPORT_SCOPE)
         values = dict(zip(fetch, results or []))
         values.update(input_map)
-        leaves = [values[t.name] if isinstance(t, tf.Tensor) else t for t in flat_outputs]
-        return tf.nest.pack_sequence_as(structure, leaves, expand_composites=True)
+        leaves = [values[n] if isinstance(n, str) else t for n, t in zip(names, flat_outputs)]
+        return tf.nest.pack_sequence_as(outputs, leaves, expand_composites=True)
 
-    rewritten_step.__name__ = f"graphfreeze_{_identifier(capture.function_name)}"
-    function = tf.function(rewritten_step, input_signature=signature,
-                           jit_compile=capture.jit_compile, autograph=False)
+    imported.__name__ = name
+    function = tf.function(imported, input_signature=signature, jit_compile=capture.jit_compile,
+                           autograph=False)
     # Trace now, so that failures surface at rewrite time rather than at the first call.
     function.get_concrete_function()
-    return Emitted(function, graph_def, renamed)
+    return function
+
+
+def _without(graph_def: Any, names: set[str]) -> Any:
+    out = type(graph_def)()
+    out.CopyFrom(graph_def)
+    del out.node[:]
+    out.node.extend(n for n in graph_def.node if n.name not in names)
+    return out
 
 
 def _register_new_functions(graph_def: Any, program: Program) -> None:

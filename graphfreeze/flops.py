@@ -58,7 +58,7 @@ def op_flops(graph: nx.MultiDiGraph, node: str) -> int | None:
             return None
         adj = nd.attr["transpose_a"].b or nd.attr["adj_x"].b
         k = a[-2] if adj else a[-1]
-        return 2 * out * k
+        return None if k is None else 2 * out * k
     if op in CONVOLUTIONS:
         # Forward, input-gradient and filter-gradient convolutions all do one multiply-add
         # per (output-side element, window entry); the window is kh*kw*Cin (kh*kw when

@@ -47,8 +47,19 @@ def _roots(ir: IR, plan: Plan, program: Program) -> set[str]:
 
 
 def _eliminate(ir: IR, plan: Plan, program: Program) -> None:
+    outputs = []
+    if ir is program.main:
+        for t in plan.capture.output_tensors:
+            name, _, idx = t.rpartition(":")
+            outputs.append((name, int(idx)))
+    plan.notes.dead_nodes += remove_dead(ir, _roots(ir, plan, program), outputs,
+                                         per_output=plan.training)
+
+
+def remove_dead(ir: IR, roots: set[str], outputs: list[Tensor], *, per_output: bool) -> int:
+    """Delete what neither `roots` (nodes) nor `outputs` (tensors) need; returns the count.
+    `per_output` makes IdentityN live per output (safe only where nobody differentiates)."""
     g = ir.graph
-    per_output = plan.training
     live: set[str] = set()
     used: dict[str, set[int]] = defaultdict(set)
     stack: list[str] = []
@@ -65,27 +76,23 @@ def _eliminate(ir: IR, plan: Plan, program: Program) -> None:
             live.add(node)
             stack.append(node)
 
-    for root in _roots(ir, plan, program):
-        if ir is program.main and root not in live and g.nodes[root]["op"] == "IdentityN":
-            continue
+    for root in roots:
         if root not in live:
             live.add(root)
             stack.append(root)
-    if ir is program.main:
-        for t in plan.capture.output_tensors:
-            name, _, idx = t.rpartition(":")
-            use((name, int(idx)))
+    for t in outputs:
+        use(t)
     while stack:
         node = stack.pop()
         for src, _, attrs in g.in_edges(node, data=True):
             if not attrs["control"]:
                 use((src, attrs["src_output"]))
     dead = [n for n in g.nodes if n not in live]
-    plan.notes.dead_nodes += len(dead)
     ir.remove_nodes(dead)
     for node, outs in used.items():
         if len(outs) < len(g.nodes[node]["dtypes"]):
             ir.shrink_identity_n(node, outs)
+    return len(dead)
 
 
 def _prune_call_arguments(program: Program) -> bool:
