@@ -78,17 +78,14 @@ def main(argv=None) -> int:
                                 "keras trainable=False": lambda: ref_step(*data),
                                 "train everything": lambda: full_step(*data)},
                                rounds=args.rounds, steps=args.steps)
-    ref = times["keras trainable=False"]
-    print(common.table(f"MirroredStrategy, 2 logical CPUs: MLP {depth}x{width}, global batch {batch}, "
-                       f"AdamW, 4 lowest layers frozen (median of {args.rounds} rounds x {args.steps} steps)",
-                       [(k, f"{v * 1e3:.2f}", f"{v / ref:.3f}") for k, v in times.items()],
-                       ("variant", "ms/step", "x keras trainable=False")))
-    path = common.write_json("distribute" + ("_quick" if args.quick else ""), {
-        "config": {"strategy": "MirroredStrategy(2 logical CPUs)", "width": width, "depth": depth,
-                   "frozen": len(frozen), "global_batch": batch, "optimizer": "AdamW",
-                   "rounds": args.rounds, "steps_per_round": args.steps},
-        "seconds_per_step": times, "ratio_vs_keras_trainable_false": {k: v / ref for k, v in times.items()},
-        "command": "python bench/bench_distribute.py " + " ".join(argv or sys.argv[1:])})
+    path = common.publish(
+        "distribute", f"MirroredStrategy, 2 logical CPUs: MLP {depth}x{width}, global batch {batch}, "
+        f"AdamW, 4 lowest layers frozen (median of {args.rounds} rounds x {args.steps} steps)",
+        times, "keras trainable=False", "ratio_vs_keras_trainable_false",
+        {"strategy": "MirroredStrategy(2 logical CPUs)", "width": width, "depth": depth,
+         "frozen": len(frozen), "global_batch": batch, "optimizer": "AdamW",
+         "rounds": args.rounds, "steps_per_round": args.steps}, argv, "bench_distribute.py",
+        args.quick)
     print(f"\nwritten {path}")
     return 0
 

@@ -96,19 +96,15 @@ def main(argv=None) -> int:
         "seed-002 mask trick": lambda: peer_step(x, y),
         "train everything": lambda: full_step(x, y),
     }, rounds=args.rounds, steps=args.steps)
-    ref = times["seed-002 mask trick"]
-    rows = [(k, f"{v * 1e3:.2f}", f"{v / ref:.3f}") for k, v in times.items()]
-    print(common.table(f"Grow case: {depth} hidden layers of {old}+{new}, batch {batch}, Adam "
-                       f"(median of {args.rounds} rounds x {args.steps} steps)",
-                       rows, ("variant", "ms/step", "x mask trick")))
     frozen = sum(int(k.sum() + b.sum()) for k, b in masks.values())
     total = sum(k.size + b.size for k, b in masks.values())
-    path = common.write_json("partial" + ("_quick" if args.quick else ""), {
-        "config": {"old_units": old, "new_units": new, "depth": depth, "batch": batch,
-                   "optimizer": "Adam", "frozen_parameters": frozen, "parameters": total,
-                   "rounds": args.rounds, "steps_per_round": args.steps},
-        "seconds_per_step": times, "ratio_vs_mask_trick": {k: v / ref for k, v in times.items()},
-        "command": "python bench/bench_partial.py " + " ".join(argv or sys.argv[1:])})
+    path = common.publish(
+        "partial", f"Grow case: {depth} hidden layers of {old}+{new}, batch {batch}, Adam "
+        f"(median of {args.rounds} rounds x {args.steps} steps)", times, "seed-002 mask trick",
+        "ratio_vs_mask_trick",
+        {"old_units": old, "new_units": new, "depth": depth, "batch": batch, "optimizer": "Adam",
+         "frozen_parameters": frozen, "parameters": total, "rounds": args.rounds,
+         "steps_per_round": args.steps}, argv, "bench_partial.py", args.quick)
     print(f"\nfrozen parameters: {frozen:,} of {total:,}\nwritten {path}")
     return 0
 

@@ -63,6 +63,18 @@ def table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> s
                       *[fmt(r) for r in rows]])
 
 
+def publish(name: str, title: str, times: dict[str, float], reference: str, ratio_key: str,
+            config: dict, argv: list[str] | None, script: str, quick: bool) -> str:
+    """Print a ratio table and write bench/results/NAME.json; returns the JSON path."""
+    ref = times[reference]
+    print(table(title, [(k, f"{v * 1e3:.2f}", f"{v / ref:.3f}") for k, v in times.items()],
+                ("variant", "ms/step", f"x {reference}")))
+    return write_json(name + ("_quick" if quick else ""), {
+        "config": config, "seconds_per_step": times,
+        ratio_key: {k: v / ref for k, v in times.items()},
+        "command": f"python bench/{script} " + " ".join(argv or sys.argv[1:])})
+
+
 def machine() -> dict[str, object]:
     return {"python": sys.version.split()[0], "tensorflow": tf.__version__,
             "platform": platform.platform(), "cpus": os.cpu_count()}

@@ -46,8 +46,6 @@ def parse_input(text: str) -> tuple[str, int, bool]:
     return text, 0, False
 
 
-def tensor_name(t: Tensor) -> str:
-    return f"{t[0]}:{t[1]}"
 
 
 class IR:
@@ -174,9 +172,6 @@ class IR:
         return [(dst, attrs["dst_input"]) for _, dst, attrs in self.graph.out_edges(src, data=True)
                 if not attrs["control"] and attrs["src_output"] == out]
 
-    def data_successors(self, name: str) -> set[str]:
-        return {dst for _, dst, attrs in self.graph.out_edges(name, data=True) if not attrs["control"]}
-
     def dtype(self, tensor: Tensor) -> tf.DType:
         return tf.as_dtype(self.graph.nodes[tensor[0]]["dtypes"][tensor[1]])
 
@@ -187,10 +182,6 @@ class IR:
     def shape(self, tensor: Tensor) -> tuple | None:
         shapes = self.graph.nodes[tensor[0]]["shapes"]
         return shapes[tensor[1]] if tensor[1] < len(shapes) else None
-
-    def nodes_by_op(self, ops: Iterable[str]) -> list[str]:
-        wanted = set(ops)
-        return [n for n, op in self.graph.nodes(data="op") if op in wanted]
 
     def device(self, name: str) -> str:
         return self.graph.nodes[name]["nodedef"].device

@@ -25,12 +25,6 @@ SCATTER_PREFIXES = ("ResourceScatter",)  # ResourceScatter{Add,Sub,Mul,Div,Min,M
 FUSED_APPLY_PREFIXES = ("ResourceApply", "ResourceSparseApply")
 OTHER_WRITES = frozenset({"ResourceStridedSliceAssign", "DestroyResourceOp"})
 
-# Function-calling ops: resources reaching their bodies are followed in a later issue.
-CALL_OPS = frozenset({
-    "If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase",
-    "PartitionedCall", "StatefulPartitionedCall",
-})
-
 # Which attrs of a call op name the functions it calls, and where its inputs start in
 # their argument lists (If/Case take a predicate or branch index first).
 CALL_TARGETS = {
