@@ -19,7 +19,7 @@ from .errors import RuleError
 from .ir import IR
 from .passes import run_pipeline
 from .passes.dependence import analyze, optimizer_state
-from .plan import Plan
+from .plan import Plan, marker_sites
 from .program import Program
 from .rewritten import Rewritten
 from .rules import Rule, RuleLike, as_rule, resolve
@@ -53,14 +53,13 @@ def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: A
     with _gc_paused():
         program = Program(IR.from_graph_def(capture.graph_def, capture.meta))
         variables = capture.variable_by_placeholder
-        plan = Plan(capture, [])
+        sites = marker_sites(capture, program)
         dep, owners = None, {}
         if capture.training:
-            dep, owners = analyze(program, [(g, m) for g, m, _ in plan.marker_sites(program)],
-                                  variables)
+            dep, owners = analyze(program, sites, variables)
             for p in optimizer_state(dep, owners, variables):
                 variables[p].optimizer_state = True
-        plan = Plan(capture, resolve(rule_list, capture.variables), dep, owners,
+        plan = Plan(capture, resolve(rule_list, capture.variables), sites, dep, owners,
                     batchnorm_inference=batchnorm_inference)
         rewritten = run_pipeline(program, plan)
         return Rewritten(capture, plan, rewritten, emit(rewritten, capture))

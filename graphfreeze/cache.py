@@ -28,11 +28,10 @@ from typing import Any
 
 import tensorflow as tf
 
-from . import opkinds
 from .api import _normalize, rewrite
 from .emit import import_as_function
 from .errors import FreezeError
-from .passes.dead_code import remove_dead
+from .passes.dead_code import remove_dead, side_effect_roots
 from .passes.frontier import Frontier, find_frontier
 from .rewritten import Rewritten
 from .rules import RuleLike
@@ -158,7 +157,7 @@ def _path_of(variables: dict[str, VariableInfo]) -> dict[str, str]:
 def _split_step(rw: Rewritten, strict: bool) -> _Split:
     capture, plan, program = rw._capture, rw.plan, rw.program
     frozen = {vf.variable.placeholder: vf.variable.path for vf in plan.freezes if vf.full}
-    outputs = [(t.rpartition(":")[0], int(t.rpartition(":")[2])) for t in capture.output_tensors]
+    outputs = capture.output_refs
     frontier = find_frontier(program, capture.input_placeholders, frozen,
                              _path_of(capture.variable_by_placeholder), outputs)
     computed = [t for t in frontier.tensors if t[0] not in capture.input_placeholders]
@@ -190,9 +189,7 @@ def _split_step(rw: Rewritten, strict: bool) -> _Split:
         suffix_ir.replace_uses(t, (ph, 0), exclude={ph})
         feeds.append(ph)
         specs[ph] = tf.TensorSpec(shape, dtype, name=f"frontier_{k}")
-    roots = {n for n, op in suffix_ir.graph.nodes(data="op")
-             if op == "Placeholder" or opkinds.has_side_effect(op)}
-    remove_dead(suffix_ir, roots, outputs, per_output=True)
+    remove_dead(suffix_ir, side_effect_roots(suffix_ir), outputs, per_output=True)
     suffix_capture = _with_meta(capture, suffix_ir)
     suffix = import_as_function(suffix_ir.to_graph_def(library=library), suffix_capture, feeds,
                                 capture.structured_outputs, f"graphfreeze_suffix_{_name(capture)}",

@@ -23,6 +23,7 @@ from tensorflow.python.eager import backprop
 from tensorflow.python.eager.polymorphic_function import function_type_utils
 
 from .errors import CaptureError
+from .ir import graph_meta
 from .variables import (
     VariableInfo,
     is_keras_variable,
@@ -81,8 +82,11 @@ class Capture:
         """A function that takes gradients is a training step; otherwise a forward function."""
         return bool(self.markers)
 
-    def markers_for(self, var: VariableInfo) -> list[Marker]:
-        return [m for m in self.markers if m.variable is var.variable]
+    @property
+    def output_refs(self) -> list[tuple[str, int]]:
+        """The flat outputs as (node, output index)."""
+        return [(name, int(index)) for name, _, index in
+                (t.rpartition(":") for t in self.output_tensors)]
 
 
 # --------------------------------------------------------------------------- markers
@@ -252,10 +256,6 @@ def _python_function(fn: Callable) -> tuple[Callable, dict]:
     return fn, {"jit_compile": None, "autograph": True}
 
 
-def _shape_tuple(shape: tf.TensorShape) -> tuple | None:
-    return None if shape.rank is None else tuple(shape.as_list())
-
-
 def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()) -> Capture:
     """Trace `fn(*args, **kwargs)` once with gradient markers and describe the result."""
     py_fn, options = _python_function(fn)
@@ -307,8 +307,6 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
     deferred = {t.op.name: (_single_tensor(closure), tf.TensorSpec(t.shape, t.dtype)) for t, closure in
                 zip(graph.deferred_internal_captures, graph.deferred_external_captures)}
     internal_ids = {id(i) for _, i in graph.captures} | {id(t) for t in graph.deferred_internal_captures}
-    meta = {op.name: ([t.dtype.as_datatype_enum for t in op.outputs],
-                      [_shape_tuple(t.shape) for t in op.outputs]) for op in graph.get_operations()}
     bound = function_type_utils.canonicalize_function_inputs(
         args, kwargs, traced.function_type, traced._default_values)
 
@@ -319,8 +317,8 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
         return list(cf.function_type.unpack_inputs(b)), _literals(b)
 
     return Capture(
-        concrete_function=cf, graph_def=graph.as_graph_def(), meta=meta, variables=variables,
-        markers=markers,
+        concrete_function=cf, graph_def=graph.as_graph_def(), meta=graph_meta(graph),
+        variables=variables, markers=markers,
         input_placeholders=[t.op.name for t in cf.inputs if id(t) not in internal_ids],
         output_tensors=[t.name for t in graph.outputs],
         structured_outputs=graph.structured_outputs,

@@ -20,8 +20,9 @@ mutate an IR through the small editing API below (``add_node``, ``replace_uses``
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import networkx as nx
@@ -46,6 +47,13 @@ def parse_input(text: str) -> tuple[str, int, bool]:
     return text, 0, False
 
 
+def graph_meta(graph: Any) -> dict[str, tuple[list, list]]:
+    """node name -> (output dtypes, output shapes) of a traced graph, for `IR.from_graph_def`
+    (a GraphDef alone does not carry them)."""
+    def shape(t: Any) -> tuple | None:
+        return None if t.shape.rank is None else tuple(t.shape.as_list())
+    return {op.name: ([t.dtype.as_datatype_enum for t in op.outputs], [shape(t) for t in op.outputs])
+            for op in graph.get_operations()}
 
 
 class IR:
@@ -283,23 +291,19 @@ class IR:
 
     def shrink_identity_n(self, node: str, keep: Sequence[int]) -> None:
         """Keep only outputs `keep` (and their matching inputs) of an IdentityN node."""
-        keep = sorted(keep)
-        nd = node_def_pb2.NodeDef()
-        nd.CopyFrom(self.nodedef(node))
-        types = list(nd.attr["T"].list.type)
-        del nd.attr["T"].list.type[:]
-        nd.attr["T"].list.type.extend(types[k] for k in keep)
-        self.set_nodedef(node, nd)
-        self.remove_inputs(node, [k for k in range(len(types)) if k not in keep])
+        kept = set(keep)
+        n = len(self.nodedef(node).attr["T"].list.type)  # inputs of dead outputs may be gone
+        self.drop_inputs(node, [k for k in range(n) if k not in kept], list_attr="T")
         self.keep_outputs(node, keep)
 
     def keep_outputs(self, node: str, keep: Sequence[int]) -> None:
         """Renumber a node's outputs to `keep` (in order); dropped outputs must be unused."""
-        new_index = {old: new for new, old in enumerate(sorted(keep))}
+        keep = sorted(keep)
+        new_index = {old: new for new, old in enumerate(keep)}
         data = self.graph.nodes[node]
         self.changed = True
-        data["dtypes"] = [data["dtypes"][k] for k in sorted(keep)]
-        data["shapes"] = [data["shapes"][k] for k in sorted(keep) if k < len(data["shapes"])]
+        data["dtypes"] = [data["dtypes"][k] for k in keep]
+        data["shapes"] = [data["shapes"][k] for k in keep if k < len(data["shapes"])]
         for _, dst, attrs in self.graph.out_edges(node, data=True):
             if attrs["control"]:
                 continue
@@ -316,7 +320,35 @@ class IR:
         self.graph.nodes[node]["nodedef"] = nodedef
         self.graph.nodes[node]["modified"] = True
 
-    def remove_inputs(self, node: str, indices: Sequence[int]) -> None:
+    @contextlib.contextmanager
+    def edit(self, node: str) -> Iterator[Any]:
+        """A private copy of a node's NodeDef to change; it replaces the node's on exit.
+
+            with ir.edit(split) as nd:
+                nd.attr["num_split"].i = 3
+        """
+        nd = node_def_pb2.NodeDef()
+        nd.CopyFrom(self.nodedef(node))
+        yield nd
+        self.set_nodedef(node, nd)
+
+    def drop_inputs(self, node: str, indices: Iterable[int], *, list_attr: str | None = None,
+                    offset: int = 0) -> None:
+        """Drop data inputs of a variadic op and keep its NodeDef true: the length attr `N`
+        (when the op has one) shrinks by as many, and so does the type-list attr
+        `list_attr`, whose entry k types input `offset + k` (e.g. a call op's "Tin")."""
+        drop = set(indices)
+        with self.edit(node) as nd:
+            if "N" in nd.attr:
+                nd.attr["N"].i -= len(drop)
+            if list_attr is not None:
+                types = list(nd.attr[list_attr].list.type)
+                del nd.attr[list_attr].list.type[:]
+                nd.attr[list_attr].list.type.extend(
+                    t for k, t in enumerate(types) if offset + k not in drop)
+        self.remove_inputs(node, drop)
+
+    def remove_inputs(self, node: str, indices: Iterable[int]) -> None:
         """Drop some data inputs of `node`, renumbering the rest (attrs are the caller's job)."""
         drop = set(indices)
         self.changed = True

@@ -25,10 +25,26 @@ class Notes:
     dead_nodes: int = 0
 
 
+MarkerSite = tuple[Any, Marker, VariableInfo]  # (the IR holding it, marker, its variable)
+
+
+def marker_sites(capture: Capture, program: Any) -> list[MarkerSite]:
+    """Every gradient marker with the graph it sits in (the step, or a body) and its variable."""
+    by_var = {id(v.variable): v for v in capture.variables}
+    sites = []
+    for m in capture.markers:
+        var = by_var.get(id(m.variable))
+        graphs = [program.main] if m.functions is None else \
+            [program.bodies[n] for n in sorted(m.functions) if n in program.bodies]
+        sites.extend((g, m, var) for g in graphs if var is not None and m.values in g)
+    return sites
+
+
 @dataclass
 class Plan:
     capture: Capture
     freezes: list[VariableFreeze]
+    sites: list[MarkerSite] = field(default_factory=list)  # every gradient marker, located
     dependence: Any = None                  # passes.dependence.Dependence of the trace
     gradient_owner: dict[int, VariableInfo] = field(default_factory=dict)  # index -> variable
     batchnorm_inference: bool = False       # run fully frozen BatchNorm in inference mode
@@ -36,7 +52,6 @@ class Plan:
 
     def __post_init__(self) -> None:
         self._by_placeholder = {vf.variable.placeholder: vf for vf in self.freezes}
-        self._sites: list | None = None
 
     @property
     def training(self) -> bool:
@@ -44,16 +59,3 @@ class Plan:
 
     def freeze_of(self, placeholder: str) -> VariableFreeze | None:
         return self._by_placeholder.get(placeholder)
-
-    def marker_sites(self, program: Any) -> list[tuple[Any, Marker, VariableInfo]]:
-        """(graph, marker, variable) for every gradient marker, in the step or in a body."""
-        if self._sites is None:
-            by_var = {id(v.variable): v for v in self.capture.variables}
-            sites = []
-            for m in self.capture.markers:
-                var = by_var.get(id(m.variable))
-                graphs = [program.main] if m.functions is None else \
-                    [program.bodies[n] for n in sorted(m.functions) if n in program.bodies]
-                sites.extend((g, m, var) for g in graphs if var is not None and m.values in g)
-            self._sites = sites
-        return self._sites

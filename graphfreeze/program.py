@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from tensorflow.core.framework import function_pb2, node_def_pb2
+from tensorflow.core.framework import function_pb2
 from tensorflow.python.framework import function_def_to_graph
 
 from . import opkinds
 from .errors import UnsupportedGraphError
-from .ir import IR, RETVAL, Tensor, _drop_missing_colocations
+from .ir import IR, RETVAL, Tensor, _drop_missing_colocations, graph_meta
 
 _FRESH = itertools.count()
 
@@ -40,13 +41,6 @@ class Use(NamedTuple):
     ir: IR
     node: str
     index: int
-
-
-def _meta(graph: Any) -> dict[str, tuple[list, list]]:
-    def shape(t):
-        return None if t.shape.rank is None else tuple(t.shape.as_list())
-    return {op.name: ([t.dtype.as_datatype_enum for t in op.outputs], [shape(t) for t in op.outputs])
-            for op in graph.get_operations()}
 
 
 class Program:
@@ -81,6 +75,14 @@ class Program:
             return [Callee(op, 0, "", None)]
         return []
 
+    def remove_nodes(self, located: Iterable[tuple[IR, str]]) -> None:
+        """Remove (graph, node) pairs, each graph's in one `IR.remove_nodes` call."""
+        by_graph: dict[int, tuple[IR, list[str]]] = {}
+        for ir, node in located:
+            by_graph.setdefault(id(ir), (ir, []))[1].append(node)
+        for ir, nodes in by_graph.values():
+            ir.remove_nodes(nodes)
+
     def call_nodes(self, ir: IR) -> list[str]:
         return [n for n, op in ir.graph.nodes(data="op")
                 if op in opkinds.CALL_TARGETS or op in self.fdefs]
@@ -103,7 +105,7 @@ class Program:
             raise UnsupportedGraphError(f"the traced graph calls function {name!r}, which is not "
                                         "in its library; graphfreeze cannot follow it.")
         graph = function_def_to_graph.function_def_to_graph(fdef)
-        body = IR.from_graph_def(graph.as_graph_def(), _meta(graph))
+        body = IR.from_graph_def(graph.as_graph_def(), graph_meta(graph))
         body.library, body.versions = self.main.library, self.main.versions
         body.name, body.fdef = name, fdef
         body.args = [t.op.name for t in graph.inputs]
@@ -191,11 +193,9 @@ class Program:
                     if ir.is_resource(t) and not self._writes_through(ir, node, index):
                         read_only.append(index)
                 if list(nd.attr["_read_only_resource_inputs"].list.i) != read_only:
-                    new = node_def_pb2.NodeDef()
-                    new.CopyFrom(nd)
-                    del new.attr["_read_only_resource_inputs"].list.i[:]
-                    new.attr["_read_only_resource_inputs"].list.i.extend(read_only)
-                    ir.set_nodedef(node, new)
+                    with ir.edit(node) as new:
+                        del new.attr["_read_only_resource_inputs"].list.i[:]
+                        new.attr["_read_only_resource_inputs"].list.i.extend(read_only)
 
     def _writes_through(self, ir: IR, node: str, index: int) -> bool:
         for c in self.callees(ir, node):
@@ -238,18 +238,16 @@ class Program:
         callees = self.callees(ir, node)
         if not any(c.name in renamed for c in callees):
             return
-        nd = node_def_pb2.NodeDef()
-        nd.CopyFrom(ir.nodedef(node))
-        for c in callees:
-            if c.name not in renamed:
-                continue
-            if not c.attr:
-                nd.op = renamed[c.name]
-            elif c.position is None:
-                nd.attr[c.attr].func.name = renamed[c.name]
-            else:
-                nd.attr[c.attr].list.func[c.position].name = renamed[c.name]
-        ir.set_nodedef(node, nd)
+        with ir.edit(node) as nd:
+            for c in callees:
+                if c.name not in renamed:
+                    continue
+                if not c.attr:
+                    nd.op = renamed[c.name]
+                elif c.position is None:
+                    nd.attr[c.attr].func.name = renamed[c.name]
+                else:
+                    nd.attr[c.attr].list.func[c.position].name = renamed[c.name]
 
     def _to_function_def(self, body: IR, name: str) -> Any:
         fdef = function_pb2.FunctionDef()

@@ -18,8 +18,7 @@ from conftest import batches, make_step, mlp
 import graphfreeze as gf
 from graphfreeze import cli
 from graphfreeze.flops import op_flops
-from graphfreeze.ir import IR
-from graphfreeze.program import _meta
+from graphfreeze.ir import IR, graph_meta
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "inspect_target.py")
 DATA = batches(2, (16, 6), (16, 3))
@@ -66,7 +65,7 @@ def test_flop_estimates_for_matmul_and_conv():
         return tf.matmul(tf.reshape(y, [2, -1]), tf.ones([8 * 8 * 4, 5]))
 
     cf = f.get_concrete_function(tf.TensorSpec([2, 8, 8, 3]), tf.TensorSpec([3, 3, 3, 4]))
-    ir = IR.from_graph_def(cf.graph.as_graph_def(), _meta(cf.graph))
+    ir = IR.from_graph_def(cf.graph.as_graph_def(), graph_meta(cf.graph))
     by_op = {ir.op(n): op_flops(ir.graph, n) for n in ir.graph}
     assert by_op["Conv2D"] == 2 * (2 * 8 * 8 * 4) * (3 * 3 * 3)
     assert by_op["MatMul"] == 2 * (2 * 5) * 256

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from tensorflow.core.framework import function_pb2, node_def_pb2
+from tensorflow.core.framework import function_pb2
 
 from .. import opkinds
 from ..ir import IR, Tensor
@@ -35,24 +35,19 @@ def eliminate_dead_code(program: Program, plan: Plan) -> Program:
             return program
 
 
-def _roots(ir: IR, plan: Plan, program: Program) -> set[str]:
-    g = ir.graph
-    if ir is program.main:
-        roots = {t.rpartition(":")[0] for t in plan.capture.output_tensors}
-    else:
-        roots = set(ir.rets)
-    roots.update(n for n, op in g.nodes(data="op")
-                 if op == "Placeholder" or opkinds.has_side_effect(op))
-    return roots
+def side_effect_roots(ir: IR) -> set[str]:
+    """Nodes that stay whatever their outputs feed: placeholders and ops with side effects."""
+    return {n for n, op in ir.graph.nodes(data="op")
+            if op == "Placeholder" or opkinds.has_side_effect(op)}
 
 
 def _eliminate(ir: IR, plan: Plan, program: Program) -> None:
-    outputs = []
     if ir is program.main:
-        for t in plan.capture.output_tensors:
-            name, _, idx = t.rpartition(":")
-            outputs.append((name, int(idx)))
-    plan.notes.dead_nodes += remove_dead(ir, _roots(ir, plan, program), outputs,
+        outputs = plan.capture.output_refs
+        roots = {name for name, _ in outputs}
+    else:
+        outputs, roots = [], set(ir.rets)
+    plan.notes.dead_nodes += remove_dead(ir, roots | side_effect_roots(ir), outputs,
                                          per_output=plan.training)
 
 
@@ -114,15 +109,10 @@ def _prune_call_arguments(program: Program) -> bool:
                 continue
             for body in bodies:
                 _drop_arguments(body, unused)
-            ir.remove_inputs(node, [offset + i for i in unused])
-            nd = node_def_pb2.NodeDef()
-            nd.CopyFrom(ir.nodedef(node))
-            types = list(nd.attr["Tin"].list.type)
-            del nd.attr["Tin"].list.type[:]
-            nd.attr["Tin"].list.type.extend(t for i, t in enumerate(types) if i not in set(unused))
-            if "_read_only_resource_inputs" in nd.attr:  # recomputed at emission
-                del nd.attr["_read_only_resource_inputs"].list.i[:]
-            ir.set_nodedef(node, nd)
+            ir.drop_inputs(node, [offset + i for i in unused], list_attr="Tin", offset=offset)
+            with ir.edit(node) as nd:
+                if "_read_only_resource_inputs" in nd.attr:  # recomputed at emission
+                    del nd.attr["_read_only_resource_inputs"].list.i[:]
             changed = True
     return changed
 

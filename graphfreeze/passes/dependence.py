@@ -278,7 +278,8 @@ class Dependence:
 def analyze(program: Program, marker_sites: list, variables: dict) -> tuple[Dependence, dict[int, Any]]:
     """Dependence of the traced program; returns it and, per variable index, the variable.
 
-    `marker_sites` lists (ir, marker) pairs; `variables` maps placeholders to VariableInfo.
+    `marker_sites` lists (ir, marker, variable) triples (`plan.sites`); `variables`
+    maps placeholders to VariableInfo.
     The per-replica components of a distributed variable share its index.
     """
     components: dict[int, list[Any]] = {}
@@ -286,14 +287,14 @@ def analyze(program: Program, marker_sites: list, variables: dict) -> tuple[Depe
         components.setdefault(id(v.variable), []).append(v)
     index: dict[int, int] = {}
     owners: dict[int, Any] = {}
-    for _, m in marker_sites:
+    for _, m, _ in marker_sites:
         group = components.get(id(m.variable))
         if group and id(m.variable) not in index:
             index[id(m.variable)] = len(index)
             owners[index[id(m.variable)]] = group[0]
     n = max(len(index), 1)
     sources, reads = {}, {}
-    for ir, m in marker_sites:
+    for ir, m, _ in marker_sites:
         if id(m.variable) not in index:
             continue
         i = index[id(m.variable)]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import node_def_pb2
 
 from .. import opkinds
 from ..ir import IR, Tensor
@@ -96,11 +95,7 @@ def _drop_zero_summands(ir: IR, zeros: set[Tensor]) -> None:
         if len(live) == 1 and ir.shape(inputs[live[0]]) == out_shape and out_shape is not None:
             ir.replace_uses((node, 0), inputs[live[0]])
         elif op == "AddN":
-            nd = node_def_pb2.NodeDef()
-            nd.CopyFrom(ir.nodedef(node))
-            nd.attr["N"].i = len(live)
-            ir.set_nodedef(node, nd)
-            ir.remove_inputs(node, [k for k in range(len(inputs)) if k not in live])
+            ir.drop_inputs(node, [k for k in range(len(inputs)) if k not in live])
 
 
 def _drop_neutral_stacked_terms(ir: IR, neutral: dict[str, set[Tensor]]) -> None:
@@ -117,11 +112,7 @@ def _drop_neutral_stacked_terms(ir: IR, neutral: dict[str, set[Tensor]]) -> None
         axis = ir.nodedef(pack).attr["axis"].i
         if axes is None or axis not in {int(a) for a in np.ravel(axes)}:
             continue
-        nd = node_def_pb2.NodeDef()
-        nd.CopyFrom(ir.nodedef(pack))
-        nd.attr["N"].i = len(inputs) - len(dead)
-        ir.set_nodedef(pack, nd)
-        ir.remove_inputs(pack, dead)
+        ir.drop_inputs(pack, dead)
         shape = ir.shape((pack, 0))
         if shape is not None:
             ir.set_shape((pack, 0), tuple(len(inputs) - len(dead) if i == axis else d
@@ -185,29 +176,16 @@ def _unpack_collectives(ir: IR, zeros: set[Tensor], plan: Plan) -> None:
 def _shrink_pack(ir: IR, concat: str, chain: list[str], split: str, sizes: Tensor,
                  dead: list[int], keep: list[int], lengths: list[int]) -> None:
     total = sum(lengths[k] for k in keep)
-    nd = node_def_pb2.NodeDef()
-    nd.CopyFrom(ir.nodedef(concat))
-    nd.attr["N"].i = len(keep)
-    ir.set_nodedef(concat, nd)
-    ir.remove_inputs(concat, dead)
+    ir.drop_inputs(concat, dead)
     for node in [concat, *chain]:
         ir.set_shape((node, 0), (total,))
     if ir.op(sizes[0]) == "Pack":
-        nd = node_def_pb2.NodeDef()
-        nd.CopyFrom(ir.nodedef(sizes[0]))
-        nd.attr["N"].i = len(keep)
-        ir.set_nodedef(sizes[0], nd)
-        ir.remove_inputs(sizes[0], dead)
-        ir.set_shape(sizes, (len(keep),))
+        ir.drop_inputs(sizes[0], dead)
     else:
         value = np.asarray(_const_value(ir, sizes))[keep]
-        nd = node_def_pb2.NodeDef()
-        nd.CopyFrom(ir.nodedef(sizes[0]))
-        nd.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
-        ir.set_nodedef(sizes[0], nd)
-        ir.set_shape(sizes, (len(keep),))
-    nd = node_def_pb2.NodeDef()
-    nd.CopyFrom(ir.nodedef(split))
-    nd.attr["num_split"].i = len(keep)
-    ir.set_nodedef(split, nd)
+        with ir.edit(sizes[0]) as nd:
+            nd.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+    ir.set_shape(sizes, (len(keep),))
+    with ir.edit(split) as nd:
+        nd.attr["num_split"].i = len(keep)
     ir.keep_outputs(split, keep)

@@ -34,10 +34,9 @@ PASS = "guard_writes"
 
 
 def guard_writes(program: Program, plan: Plan) -> Program:
-    doomed: dict[int, tuple[IR, list[str]]] = {}
+    doomed: list[tuple[IR, str]] = []
     for vf in plan.freezes:
-        for use in program.resource_uses(program.main, (vf.variable.placeholder, 0)):
-            ir, node, index = use
+        for ir, node, index in program.resource_uses(program.main, (vf.variable.placeholder, 0)):
             if check_known_use(ir, node, vf.variable.path) == "read":
                 continue
             op = ir.op(node)
@@ -46,13 +45,12 @@ def guard_writes(program: Program, plan: Plan) -> Program:
                     f"{op} node {node!r} uses frozen variable {vf.variable.path!r} as optimizer "
                     "state of another variable; freeze the variable it updates instead.")
             if vf.full:
-                doomed.setdefault(id(ir), (ir, []))[1].append(node)
+                doomed.append((ir, node))
                 plan.notes.removed_writes.append(node)
             else:
                 _guard_partial(ir, plan, node, index, vf)
                 plan.notes.guarded_writes.append(node)
-    for ir, nodes in doomed.values():
-        ir.remove_nodes(nodes)
+    program.remove_nodes(doomed)
     return program
 
 

@@ -21,7 +21,7 @@ PASS = "mask_gradients"
 
 
 def mask_gradients(program: Program, plan: Plan) -> Program:
-    for ir, marker, var in plan.marker_sites(program):
+    for ir, marker, var in plan.sites:
         vf = plan.freeze_of(var.placeholder)
         if vf is None:
             continue

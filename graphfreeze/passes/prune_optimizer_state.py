@@ -13,8 +13,6 @@ fully frozen variable's optimizer state is not touched at all: freezing is a pau
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from ..plan import Plan
 from ..program import Program
 from .dependence import marked_placeholders
@@ -39,13 +37,10 @@ def prune_optimizer_state(program: Program, plan: Plan) -> Program:
             dead[r] = g | o
     if not dead:
         return program
-    doomed = defaultdict(list)
-    for ir, node in dep.writes:
-        if node in ir and dep.write_targets(ir, node) & dead.keys():
-            doomed[id(ir)].append((ir, node))
-    for writes in doomed.values():
-        writes[0][0].remove_nodes([n for _, n in writes])
-        plan.notes.removed_writes.extend(n for _, n in writes)
+    doomed = [(ir, node) for ir, node in dep.writes
+              if node in ir and dep.write_targets(ir, node) & dead.keys()]
+    program.remove_nodes(doomed)
+    plan.notes.removed_writes.extend(node for _, node in doomed)
     for r, bits in dead.items():
         var = by_placeholder.get(r)
         plan.notes.pruned_state[var.path if var is not None else r] = [

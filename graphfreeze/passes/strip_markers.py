@@ -8,7 +8,7 @@ from ..program import Program
 
 
 def strip_markers(program: Program, plan: Plan) -> Program:
-    for ir, marker, _ in plan.marker_sites(program):
+    for ir, marker, _ in plan.sites:
         remove_markers(ir, [marker.values, marker.indices])
     return program
 
