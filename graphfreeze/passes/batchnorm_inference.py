@@ -19,6 +19,7 @@ from ..ir import IR, Tensor
 from ..plan import Plan
 from ..program import Program
 from .build import Builder
+from .dependence import marked_placeholders
 from .masks import slug
 
 PASS = "batchnorm_inference"
@@ -28,7 +29,7 @@ _ARITHMETIC = frozenset({"Mul", "AddV2", "Add", "Sub", "Cast", "Identity"})
 def batchnorm_inference(program: Program, plan: Plan) -> Program:
     if not plan.batchnorm_inference:
         return program
-    marked = {v.placeholder for v in plan.gradient_owner.values()}
+    marked = marked_placeholders(plan.dependence) if plan.dependence is not None else set()
     for vf in plan.freezes:
         var = vf.variable
         if not vf.full or var.placeholder in marked:
