@@ -19,7 +19,6 @@ batch size stay exact); `fit(shuffle=True)` reorders whole batches between epoch
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,13 +28,13 @@ from typing import Any
 import tensorflow as tf
 
 from .api import _normalize, rewrite
-from .emit import import_as_function
+from .emit import identifier, import_as_function
 from .errors import FreezeError
 from .passes.dead_code import remove_dead, side_effect_roots
 from .passes.frontier import Frontier, find_frontier
 from .rewritten import Rewritten
 from .rules import RuleLike
-from .variables import VariableInfo
+from .variables import VariableInfo, is_keras_model
 
 __all__ = ["cache_frozen_prefix", "FrozenPrefixCache", "CacheError"]
 
@@ -60,11 +59,10 @@ class FrozenPrefixCache:
     is cached, `dataset` is the cached `tf.data.Dataset` of frontier activations.
     """
 
-    def __init__(self, rewritten: Rewritten, split: _Split, dataset: tf.data.Dataset,
-                 unpack: bool, model: Any, verbose: int):
+    def __init__(self, rewritten: Rewritten, split: _Split, dataset: tf.data.Dataset, model: Any,
+                 verbose: int):
         self.rewritten = rewritten
         self._split = split
-        self._unpack = unpack
         self._model = model
         self.dataset = dataset
         self.batches = 0
@@ -127,7 +125,7 @@ class FrozenPrefixCache:
         """What is cached, what it costs, and where caching stops."""
         f = self._split.frontier
         graph = self.rewritten.graph
-        lines = [f"frozen-prefix cache for {self.rewritten.report().function}: "
+        lines = [f"frozen-prefix cache for {self.rewritten.plan.capture.function_name}: "
                  f"{self._split.prefix_ops:,} ops computed once per batch, "
                  f"{self._split.suffix_ops:,} ops per training step "
                  f"(the rewritten step has {graph.number_of_nodes():,})",
@@ -177,7 +175,7 @@ def _split_step(rw: Rewritten, strict: bool) -> _Split:
     prefix_def = prefix_ir.to_graph_def(library=library)
     prefix = import_as_function(prefix_def, capture, capture.input_placeholders,
                                 [f"{n}:{k}" for n, k in frontier.tensors],
-                                f"graphfreeze_prefix_{_name(capture)}")
+                                f"graphfreeze_prefix_{identifier(capture.function_name)}")
 
     suffix_ir = program.main.copy()
     feeds, specs = [], {}
@@ -190,26 +188,12 @@ def _split_step(rw: Rewritten, strict: bool) -> _Split:
         feeds.append(ph)
         specs[ph] = tf.TensorSpec(shape, dtype, name=f"frontier_{k}")
     remove_dead(suffix_ir, side_effect_roots(suffix_ir), outputs, per_output=True)
-    suffix_capture = _with_meta(capture, suffix_ir)
-    suffix = import_as_function(suffix_ir.to_graph_def(library=library), suffix_capture, feeds,
-                                capture.structured_outputs, f"graphfreeze_suffix_{_name(capture)}",
+    suffix = import_as_function(suffix_ir.to_graph_def(library=library), capture, feeds,
+                                capture.structured_outputs,
+                                f"graphfreeze_suffix_{identifier(capture.function_name)}",
                                 input_specs=specs)
     prefix_ops = sum(1 for n in prefix_ir.graph if prefix_ir.op(n) not in ("Const", "Placeholder"))
     return _Split(prefix, suffix, frontier, prefix_ops, len(suffix_ir))
-
-
-def _with_meta(capture: Any, ir: Any) -> Any:
-    """The capture, with shapes/dtypes for the suffix's new placeholders."""
-    clone = copy.copy(capture)
-    clone.meta = dict(capture.meta)
-    for n, data in ir.graph.nodes(data=True):
-        if data.get("inserted") == "cache":
-            clone.meta[n] = (data["dtypes"], data["shapes"])
-    return clone
-
-
-def _name(capture: Any) -> str:
-    return "".join(c if c.isalnum() else "_" for c in capture.function_name)
 
 
 def cache_frozen_prefix(step_or_model: Callable | Any, rules: RuleLike | Sequence[RuleLike],
@@ -233,8 +217,7 @@ def cache_frozen_prefix(step_or_model: Callable | Any, rules: RuleLike | Sequenc
     """
     rule_list = _normalize(rules)
     spec = dataset.element_spec
-    model = step_or_model if hasattr(step_or_model, "train_step") and \
-        hasattr(step_or_model, "make_train_function") else None
+    model = step_or_model if is_keras_model(step_or_model) else None
     if model is not None:
         fn, unpack = model.train_step, False
         if getattr(model, "optimizer", None) is None:
@@ -244,7 +227,7 @@ def cache_frozen_prefix(step_or_model: Callable | Any, rules: RuleLike | Sequenc
     example = tuple(spec) if unpack else (spec,)
     rw = rewrite(fn, rule_list, *example, batchnorm_inference=batchnorm_inference)
     if not rw.training:
-        raise CacheError(f"{rw.report().function} takes no gradients: there is nothing to train "
+        raise CacheError(f"{rw.plan.capture.function_name} takes no gradients: there is nothing to train "
                          "from a cache; pass the training step.")
     split = _split_step(rw, strict)
     capture = rw._capture
@@ -255,4 +238,4 @@ def cache_frozen_prefix(step_or_model: Callable | Any, rules: RuleLike | Sequenc
         return tuple(split.prefix(*flat))
 
     cached = dataset.map(prefix).cache(cache)
-    return FrozenPrefixCache(rw, split, cached, unpack, model, verbose)
+    return FrozenPrefixCache(rw, split, cached, model, verbose)

@@ -163,9 +163,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                         **example_kwargs)
     except gf.FreezeError as e:
         raise CliError(" ".join(str(e).split())) from None
-    print(rw.report())
+    report, diff = rw.report(), rw.diff()
+    print(report)
     print()
-    print(rw.diff())
+    print(diff)
     outputs = []
     if args.html:
         outputs.append(rw.to_html(args.html))
@@ -176,7 +177,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         import json
         with open(args.json, "w") as f:
-            json.dump({"report": rw.report().to_dict(), "diff": rw.diff().to_dict()}, f, indent=2)
+            json.dump({"report": report.to_dict(), "diff": diff.to_dict()}, f, indent=2)
         outputs.append(args.json)
     if args.tensorboard:
         outputs += rw.to_tensorboard(args.tensorboard, include_original=True)

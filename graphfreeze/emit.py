@@ -41,7 +41,7 @@ def emit(program: Program, capture: Capture) -> Emitted:
     _register_new_functions(graph_def, program)
     function = import_as_function(graph_def, capture, capture.input_placeholders,
                                   capture.structured_outputs,
-                                  f"graphfreeze_{_identifier(capture.function_name)}")
+                                  f"graphfreeze_{identifier(capture.function_name)}")
     return Emitted(function, graph_def, renamed)
 
 
@@ -118,7 +118,8 @@ def _shape(capture: Capture, placeholder: str) -> Any:
     return None if shape is None else list(shape)
 
 
-def _identifier(name: str) -> str:
+def identifier(name: str) -> str:
+    """`name` with every character that may not appear in a function name replaced."""
     return "".join(c if c.isalnum() else "_" for c in name)
 
 

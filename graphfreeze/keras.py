@@ -29,12 +29,13 @@ from .dryrun import plan
 from .errors import RuleError, UnsupportedGraphError
 from .rewritten import Rewritten
 from .rules import RuleLike, as_rule
+from .variables import is_keras_model
 
 _STEP_FUNCTION = "one_step_on_data"  # the per-step function Keras's train function calls
 
 
 def _check_model(model: Any) -> None:
-    if not (hasattr(model, "make_train_function") and hasattr(model, "train_step")):
+    if not is_keras_model(model):
         raise RuleError(f"gf.keras.freeze needs a Keras Model, got {type(model).__name__}; "
                         "for a custom training step use @gf.freeze on the step.")
 
@@ -94,8 +95,8 @@ def _keras_version() -> str:
 
 def _routing(model: Any) -> _Routing | None:
     bound = getattr(model, "__dict__", {}).get("make_train_function")
-    return getattr(bound, "__self__", None) if isinstance(getattr(bound, "__self__", None),
-                                                          _Routing) else None
+    owner = getattr(bound, "__self__", None)
+    return owner if isinstance(owner, _Routing) else None
 
 
 def freeze(model: Any, *rules: RuleLike, batchnorm_inference: bool = False) -> Any:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from .errors import FreezeError
+from .text import format_shape
 
 KINDS = ("frozen", "inserted", "removed", "plain")
 # Constants and control-only groupings add clutter, not information, to a picture.
@@ -142,8 +143,6 @@ def _collapse(names: list[str], budget: int) -> dict[str, str]:
         del groups[key]
         for child, members in children.items():
             groups[child], depth[child] = members, new_depth
-        if new_depth == d:
-            settled.update(k for k in children if len(children[k]) == len(groups[k]) and k == key)
     return {n: k for k, members in groups.items() for n in members}
 
 
@@ -196,13 +195,18 @@ def to_dot(pic: Picture, title: str = "graphfreeze") -> str:
     return "\n".join(lines) + "\n"
 
 
-def graphviz_svg(dot_text: str) -> str | None:
-    """Graphviz's SVG for DOT text, ready to inline in HTML; None without Graphviz."""
+def _run_dot(dot_text: str, *args: str) -> subprocess.CompletedProcess | None:
+    """Graphviz's `dot` run on DOT text; None when it is not installed."""
     exe = shutil.which("dot")
     if exe is None:
         return None
-    result = subprocess.run([exe, "-Tsvg"], input=dot_text.encode(), capture_output=True, check=False)
-    if result.returncode != 0:
+    return subprocess.run([exe, *args], input=dot_text.encode(), capture_output=True, check=False)
+
+
+def graphviz_svg(dot_text: str) -> str | None:
+    """Graphviz's SVG for DOT text, ready to inline in HTML; None without Graphviz."""
+    result = _run_dot(dot_text, "-Tsvg")
+    if result is None or result.returncode != 0:
         return None
     text = result.stdout.decode("utf-8", errors="replace")
     svg = text[text.find("<svg"):]
@@ -214,14 +218,12 @@ def graphviz_svg(dot_text: str) -> str | None:
 def render_dot(dot_text: str, path: str) -> str:
     """Render DOT to `path` (format from its extension: svg, png, pdf) with Graphviz."""
     fmt = path.rsplit(".", 1)[-1].lower() if "." in path else "svg"
-    exe = shutil.which("dot")
-    if exe is None:
+    result = _run_dot(dot_text, f"-T{fmt}", "-o", path)
+    if result is None:
         raise RenderError(
             "rendering needs Graphviz's `dot` program, which is not on PATH; install Graphviz "
             "(Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz; conda: "
             "conda install graphviz), or use to_dot() / to_html(), which need nothing.")
-    result = subprocess.run([exe, f"-T{fmt}", "-o", path], input=dot_text.encode(),
-                            capture_output=True, check=False)
     if result.returncode != 0:
         raise RenderError(f"dot -T{fmt} failed: {result.stderr.decode(errors='replace').strip()}")
     return path
@@ -305,9 +307,9 @@ def to_html(report, diff, pic: Picture, title: str, svg: str | None = None) -> s
     Graphviz's, or the built-in layout when None)."""
     esc = html.escape
     rows = "".join(
-        f"<tr><td>{esc(r.path)}</td><td>{esc('x'.join(map(str, r.shape)) or 'scalar')}</td>"
+        f"<tr><td>{esc(r.path)}</td><td>{esc(format_shape(r.shape))}</td>"
         f"<td class='num'>{r.frozen:,}</td><td class='num'>{r.total:,}</td>"
-        f"<td>{'pruned' if r.state_pruned else '-'}</td><td>{esc('; '.join(r.rules))}</td></tr>"
+        f"<td>{r.state}</td><td>{esc('; '.join(r.rules))}</td></tr>"
         for r in report.rows) or "<tr><td colspan='6'>nothing frozen</td></tr>"
     diff_rows = "".join(
         f"<tr><td>{esc(op)}</td><td class='num'>{diff.removed.get(op, 0)}</td>"

@@ -12,6 +12,7 @@ import networkx as nx
 
 from .flops import flops_of
 from .plan import Plan
+from .text import format_shape, text_table
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class VariableRow:
     @property
     def fully_frozen(self) -> bool:
         return self.frozen == self.total
+
+    @property
+    def state(self) -> str:
+        """What happened to the variable's optimizer state, for tables."""
+        return "pruned" if self.state_pruned else "-"
 
 
 @dataclass
@@ -104,16 +110,11 @@ class Report:
 
     def __str__(self) -> str:
         header = ("variable", "shape", "frozen/total", "state", "rule(s)")
-        body = [(r.path, "x".join(map(str, r.shape)) or "scalar", f"{r.frozen}/{r.total}",
-                 "pruned" if r.state_pruned else "-", "; ".join(r.rules)) for r in self.rows]
-        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-
-        def line(row) -> str:
-            return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-
-        out = [f"graphfreeze report for {self.function} ({self.mode})", line(header),
-               line(["-" * w for w in widths])]
-        out += [line(row) for row in body] or ["(nothing frozen)"]
+        body = [(r.path, format_shape(r.shape), f"{r.frozen}/{r.total}", r.state,
+                 "; ".join(r.rules)) for r in self.rows]
+        out = [f"graphfreeze report for {self.function} ({self.mode})", *text_table(header, body)]
+        if not body:
+            out.append("(nothing frozen)")
         return "\n".join(out + self.summary_lines())
 
 

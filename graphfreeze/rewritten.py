@@ -115,8 +115,7 @@ class Rewritten:
 
     def diff(self) -> Diff:
         """Ops added and removed by type, and the nodes the passes inserted."""
-        renamed = {old: new for old, new in self._emitted.renamed.items()}
-        return diff_graphs(self.original_graph, self.graph, renamed)
+        return diff_graphs(self.original_graph, self.graph, self._emitted.renamed)
 
     def picture(self, budget: int = 40) -> Picture:
         frozen = {vf.variable.placeholder for vf in self.plan.freezes}

@@ -100,7 +100,8 @@ def match_target(target: Target, variables: Sequence[VariableInfo], rule: Rule) 
         return found
     # A variable named directly is taken as asked; a layer contributes its weights and
     # statistics, not the RNG state of its dropout (which would then repeat one mask).
-    wanted = [resource_variable(target)] if resource_variable(target) is not None else [
+    direct = resource_variable(target)
+    wanted = [direct] if direct is not None else [
         resource_variable(v) for v in module_variables(target) or [] if not is_rng_state(v)]
     ids = {id(w) for w in wanted if w is not None}
     found = [v for v in variables if id(v.variable) in ids]

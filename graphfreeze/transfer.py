@@ -58,7 +58,8 @@ import numpy as np
 import tensorflow as tf
 
 from .errors import FreezeError
-from .variables import resource_variable
+from .text import format_shape, text_table
+from .variables import resource_variable, variable_path
 
 __all__ = ["TransferError", "LayerPair", "Unmatched", "MatchReport", "Transferred",
            "match_layers", "transfer", "transfer_report"]
@@ -99,7 +100,7 @@ class LayerPair:
         return sum(int(np.prod(shape)) for _, shape, _ in self.weights)
 
     def describe_weights(self) -> str:
-        return ", ".join(f"{n} {'x'.join(map(str, s)) or 'scalar'}" for n, s, _ in self.weights)
+        return ", ".join(f"{n} {format_shape(s)}" for n, s, _ in self.weights)
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,7 @@ class Transferred(list):
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
+    return "\n".join(text_table(header, rows))
 
 
 # --------------------------------------------------------------------------- call-site graph
@@ -701,7 +700,7 @@ def _architecture(architecture: Architecture | None, path: str, kind: str,
 
 
 def _load_weights_h5(path: str, arch: keras.Model) -> None:
-    backup = [np.array(v.numpy(), copy=True) for v in arch.variables]
+    backup = _snapshot(arch)
     try:
         arch.load_weights(path)
     except Exception as e:
@@ -709,6 +708,10 @@ def _load_weights_h5(path: str, arch: keras.Model) -> None:
         raise TransferError(f"cannot load the weights file {path} into architecture "
                             f"{arch.name!r}: {e}. The architecture must be the one that saved "
                             "the file (model.save_weights).") from e
+
+
+def _snapshot(model: keras.Model) -> list[np.ndarray]:
+    return [np.array(v.numpy(), copy=True) for v in model.variables]
 
 
 def _restore(model: keras.Model, values: list[np.ndarray]) -> None:
@@ -782,7 +785,7 @@ def _load_checkpoint(path: str, arch: keras.Model) -> None:
     saved as ``model=`` first, then every other child, then the root."""
     prefix = _checkpoint_prefix(path)
     children = _checkpoint_children(prefix)
-    backup = [np.array(v.numpy(), copy=True) for v in arch.variables]
+    backup = _snapshot(arch)
     failures = []
     candidates = sorted((c for c in children if c != "save_counter"), key=lambda c: c != "model")
     for child in [*candidates, None]:
@@ -943,8 +946,9 @@ def _copy(pairs: Sequence[LayerPair]) -> None:
                                 f"{pair.source.name!r} {len(src)}; nothing was copied.")
         for s, d in zip(src, dst):
             if tuple(s.shape) != tuple(d.shape) or tf.as_dtype(s.dtype) != tf.as_dtype(d.dtype):
-                raise TransferError(f"cannot copy {_path(s)} {list(s.shape)} {s.dtype} to "
-                                    f"{_path(d)} {list(d.shape)} {d.dtype}; nothing was copied.")
+                raise TransferError(f"cannot copy {variable_path(s)} {list(s.shape)} {s.dtype} to "
+                                    f"{variable_path(d)} {list(d.shape)} {d.dtype}; nothing was "
+                                    "copied.")
             plan.append((d, np.array(s.numpy(), copy=True)))
     backup = [np.array(d.numpy(), copy=True) for d, _ in plan]
     try:
@@ -955,7 +959,3 @@ def _copy(pairs: Sequence[LayerPair]) -> None:
             d.assign(old)
         raise TransferError(f"copying the transferred weights failed ({type(e).__name__}: {e}); "
                             "the target's weights were restored.") from e
-
-
-def _path(v: Any) -> str:
-    return getattr(v, "path", None) or v.name

@@ -58,6 +58,11 @@ def is_keras_variable(obj: Any) -> bool:
     return hasattr(obj, "path") and isinstance(getattr(obj, "_value", None), tf.Variable)
 
 
+def is_keras_model(obj: Any) -> bool:
+    """A Keras model (something with Keras's train function), by duck typing."""
+    return hasattr(obj, "make_train_function") and hasattr(obj, "train_step")
+
+
 def is_rng_state(obj: Any) -> bool:
     name = getattr(obj, "name", "") or ""
     return name.split(":")[0].endswith("seed_generator_state")
