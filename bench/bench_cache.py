@@ -10,7 +10,6 @@ between the variants in one process; medians are reported.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -98,10 +97,7 @@ def bench(name, case, rounds):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    args = common.arguments(__doc__, rounds=5).parse_args(argv)
     width, n_mlp, image, n_img = (256, 1024, 32, 128) if args.quick else (1024, 8192, 64, 512)
     results = [bench(f"MLP, 8 frozen layers of {width}", mlp_case(width, n_mlp, 256), args.rounds),
                bench(f"MobileNetV2 {image}x{image}, BatchNorm in inference mode",

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -90,11 +89,8 @@ def bench_rewrite_time(repeats: int, image: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10)
+    parser = common.arguments(__doc__, rounds=7, steps=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = parser.parse_args(argv)
     width, batch, image = (256, 64, 32) if args.quick else (1024, 256, 64)
 

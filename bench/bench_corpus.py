@@ -9,7 +9,6 @@ graph, and step time (interleaved in one process, median of rounds).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import common  # noqa: F401  (sets TF log level first)
@@ -55,11 +54,8 @@ def bench_model(name: str, image: int, batch: int, rounds: int, steps: int) -> d
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.arguments(__doc__, rounds=5, steps=3)
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     image, batch = (32, 2) if args.quick else (96, 16)
     results = [bench_model(m, image, batch, args.rounds, args.steps) for m in args.models]

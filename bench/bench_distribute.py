@@ -9,7 +9,6 @@ trained with a custom `strategy.run` step.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import common  # noqa: F401  (sets TF log level first)
@@ -39,13 +38,7 @@ def build(strategy, width, depth, frozen_layers=()):
 
 def distributed_step(strategy, model, optimizer, global_batch):
     xent = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
-
-    def step_fn(x, y):
-        with tf.GradientTape() as tape:
-            loss = xent(y, model(x, training=True)) / global_batch
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+    step_fn = common.train_step(model, optimizer, lambda y, logits: xent(y, logits) / global_batch)
 
     @tf.function
     def dist_step(x, y):
@@ -55,11 +48,7 @@ def distributed_step(strategy, model, optimizer, global_batch):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    args = common.arguments(__doc__, rounds=7, steps=10).parse_args(argv)
     width, depth, batch = (128, 6, 64) if args.quick else (512, 6, 256)
     frozen = [f"hidden{i + 1}" for i in range(4)]
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

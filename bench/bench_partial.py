@@ -11,7 +11,6 @@ Adam and compute the same gradients; they run interleaved in one process.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -70,11 +69,7 @@ def network(width_in, units, depth, classes, masks=None, seed=0):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    args = common.arguments(__doc__, rounds=7, steps=10).parse_args(argv)
     old, new, depth, batch, classes = (256, 16, 8, 64, 10) if args.quick else (1024, 64, 8, 256, 10)
     width_in = old
     x = np.random.default_rng(0).normal(size=(batch, width_in)).astype("float32")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -14,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
+from graphfreeze.text import text_table  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
@@ -22,6 +25,16 @@ def sync(value) -> None:
     for leaf in tf.nest.flatten(value):
         if hasattr(leaf, "numpy"):
             leaf.numpy()
+
+
+def arguments(doc: str, *, rounds: int, steps: int | None = None) -> argparse.ArgumentParser:
+    """The options every timing bench takes: --rounds, --steps (when it times steps), --quick."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    if steps is not None:
+        parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    return parser
 
 
 def interleaved(runners: dict[str, Callable[[], object]], *, rounds: int, steps: int,
@@ -57,10 +70,7 @@ def train_step(model, optimizer, loss_fn=None):
 
 
 def table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([title, fmt(header), fmt(tuple("-" * w for w in widths)),
-                      *[fmt(r) for r in rows]])
+    return "\n".join([title, *text_table(header, rows)])
 
 
 def publish(name: str, title: str, times: dict[str, float], reference: str, ratio_key: str,

@@ -29,11 +29,14 @@ def _rows(times: dict, ratios: dict, ratio_name: str) -> str:
     return "\n".join(lines)
 
 
+def _median(c: dict) -> str:
+    return f"(median of {c['rounds']} rounds × {c['steps_per_round']} steps)"
+
+
 def core(d: dict) -> str:
     st, rt, c = d["step_time"], d["rewrite_time"], d["step_time"]["config"]
     return (f"Deep MLP, {c['depth']} hidden layers of {c['width']}, batch {c['batch']}, "
-            f"{c['optimizer']}, the {c['frozen']} lowest layers frozen (median of {c['rounds']} "
-            f"rounds × {c['steps_per_round']} steps):\n\n"
+            f"{c['optimizer']}, the {c['frozen']} lowest layers frozen {_median(c)}:\n\n"
             + _rows(st["seconds_per_step"], st["ratio_vs_keras_trainable_false"],
                     "Keras `trainable=False`")
             + f"\n\n`gf.rewrite` of a ResNet50 train step ({rt['config']['model']}, "
@@ -47,8 +50,7 @@ def partial(d: dict) -> str:
     c = d["config"]
     return (f"Grow case: {c['depth']} hidden layers of {c['old_units']}+{c['new_units']} units, "
             f"the old units frozen by `Columns`/`Rows` rules ({c['frozen_parameters']:,} of "
-            f"{c['parameters']:,} parameters), batch {c['batch']}, {c['optimizer']} (median of "
-            f"{c['rounds']} rounds × {c['steps_per_round']} steps):\n\n"
+            f"{c['parameters']:,} parameters), batch {c['batch']}, {c['optimizer']} {_median(c)}:\n\n"
             + _rows(d["seconds_per_step"], d["ratio_vs_mask_trick"], "seed-002 mask trick"))
 
 
@@ -63,8 +65,7 @@ def corpus(d: dict) -> str:
                      f"{t['keras trainable=False'] * 1e3:.0f} | {r['ratio']:.2f} |")
     return (f"keras.applications models (`weights=None`), everything but the head frozen, frozen "
             f"BatchNorm in inference mode (`batchnorm_inference=True`), batch {c['batch']} at "
-            f"{c['image']}×{c['image']}, Adam (median of {c['rounds']} rounds × "
-            f"{c['steps_per_round']} steps):\n\n" + "\n".join(lines))
+            f"{c['image']}×{c['image']}, Adam {_median(c)}:\n\n" + "\n".join(lines))
 
 
 def transfer(d: dict) -> str:
@@ -84,8 +85,8 @@ def transfer(d: dict) -> str:
 def distribute(d: dict) -> str:
     c = d["config"]
     return (f"{c['strategy']}, custom `strategy.run` step: MLP {c['depth']}×{c['width']}, global batch "
-            f"{c['global_batch']}, {c['optimizer']}, the {c['frozen']} lowest layers frozen (median of "
-            f"{c['rounds']} rounds × {c['steps_per_round']} steps):\n\n"
+            f"{c['global_batch']}, {c['optimizer']}, the {c['frozen']} lowest layers frozen "
+            f"{_median(c)}:\n\n"
             + _rows(d["seconds_per_step"], d["ratio_vs_keras_trainable_false"],
                     "Keras `trainable=False` (same strategy)"))
 
