@@ -164,6 +164,12 @@ class IR:
     def attr(self, name: str, key: str) -> Any:
         return self.graph.nodes[name]["nodedef"].attr[key]
 
+    def const_value(self, tensor: Tensor) -> np.ndarray | None:
+        """The value of a tensor a Const produces (axes, sizes); None for anything else."""
+        if self.op(tensor[0]) != "Const":
+            return None
+        return tf.make_ndarray(self.attr(tensor[0], "value").tensor)
+
     def inputs(self, name: str) -> list[Tensor]:
         """Data inputs in input order."""
         items = [(attrs["dst_input"], (src, attrs["src_output"]))

@@ -33,8 +33,6 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-import tensorflow as tf
-
 from .. import opkinds
 from ..ir import IR, RETVAL, Tensor
 from ..program import Program
@@ -203,8 +201,8 @@ class Dependence:
     def _packed(self, ir: IR, node: str, op: str, inputs: list[Tensor], n_out: int) -> bool:
         """Segments for packed tensors; True when `node` was handled piece by piece."""
         gid = id(ir)
-        if op == "ConcatV2" and len(inputs) > 2 and ir.op(inputs[-1][0]) == "Const" and \
-                int(tf.make_ndarray(ir.attr(inputs[-1][0], "value").tensor)) == 0:
+        axis = ir.const_value(inputs[-1]) if op == "ConcatV2" and len(inputs) > 2 else None
+        if axis is not None and int(axis) == 0:
             parts = [self._segments_of(ir, t) for t in inputs[:-1]]
             if all(p is not None for p in parts):
                 self.segments[(gid, node, 0)] = [seg for p in parts for seg in p]

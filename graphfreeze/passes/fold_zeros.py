@@ -108,7 +108,7 @@ def _drop_neutral_stacked_terms(ir: IR, neutral: dict[str, set[Tensor]]) -> None
         dead = [k for k, t in enumerate(inputs) if t in neutral[ir.op(uses[0][0])]]
         if not dead or len(dead) == len(inputs):
             continue
-        axes = _const_value(ir, ir.inputs(uses[0][0])[1])
+        axes = ir.const_value(ir.inputs(uses[0][0])[1])
         axis = ir.nodedef(pack).attr["axis"].i
         if axes is None or axis not in {int(a) for a in np.ravel(axes)}:
             continue
@@ -136,18 +136,12 @@ def _pack_chain(ir: IR, concat: str) -> tuple[list[str], str] | None:
         node = nxt
 
 
-def _const_value(ir: IR, tensor: Tensor):
-    if ir.op(tensor[0]) != "Const":
-        return None
-    return tf.make_ndarray(ir.attr(tensor[0], "value").tensor)
-
-
 def _unpack_collectives(ir: IR, zeros: set[Tensor], plan: Plan) -> None:
     for concat in [n for n, op in ir.graph.nodes(data="op") if op == "ConcatV2"]:
         if concat not in ir:
             continue
         inputs = ir.inputs(concat)
-        pieces, axis = inputs[:-1], _const_value(ir, inputs[-1])
+        pieces, axis = inputs[:-1], ir.const_value(inputs[-1])
         dead = [k for k, t in enumerate(pieces) if t in zeros]
         if axis is None or int(axis) != 0 or not dead:
             continue
@@ -182,7 +176,7 @@ def _shrink_pack(ir: IR, concat: str, chain: list[str], split: str, sizes: Tenso
     if ir.op(sizes[0]) == "Pack":
         ir.drop_inputs(sizes[0], dead)
     else:
-        value = np.asarray(_const_value(ir, sizes))[keep]
+        value = np.asarray(ir.const_value(sizes))[keep]
         with ir.edit(sizes[0]) as nd:
             nd.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
     ir.set_shape(sizes, (len(keep),))

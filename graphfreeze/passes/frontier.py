@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import tensorflow as tf
 
 from .. import opkinds
 from ..ir import IR, RETVAL, Tensor
@@ -58,9 +57,10 @@ class Frontier:
 def _reduces_batch(ir: IR, node: str, inputs: list[Tensor]) -> bool:
     if ir.op(node) not in _BATCH_REDUCTIONS or len(inputs) < 2:
         return False
-    if ir.op(inputs[1][0]) != "Const":
+    value = ir.const_value(inputs[1])
+    if value is None:
         return True  # unknown axes: assume the worst
-    axes = {int(a) for a in np.ravel(tf.make_ndarray(ir.attr(inputs[1][0], "value").tensor))}
+    axes = {int(a) for a in np.ravel(value)}
     shape = ir.shape(inputs[0])
     return 0 in ({a % len(shape) for a in axes} if shape else axes)
 

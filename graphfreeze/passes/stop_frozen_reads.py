@@ -11,8 +11,6 @@ with the mask rows gathered by the same indices, so the caller's gradient stays 
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from ..ir import IR, Tensor
 from ..plan import Plan
 from ..program import Program
@@ -46,11 +44,8 @@ def stop_frozen_reads(program: Program, plan: Plan) -> Program:
 def _is_row_gather(ir: IR, node: str, index: int) -> bool:
     if ir.op(node) != "GatherV2" or index != 0:
         return False
-    axis = ir.inputs(node)[2][0]
-    if ir.op(axis) != "Const":
-        return False
-    return int(tf.make_ndarray(ir.attr(axis, "value").tensor)) == 0 and \
-        ir.attr(node, "batch_dims").i == 0
+    axis = ir.const_value(ir.inputs(node)[2])
+    return axis is not None and int(axis) == 0 and ir.attr(node, "batch_dims").i == 0
 
 
 def _mask(ir: IR, plan: Plan, vf: VariableFreeze, anchor: str, x: Tensor,
