@@ -257,13 +257,12 @@ class Program:
         fdef.ret.clear()
         fdef.control_ret.clear()
         arg_names = {p: a.name for p, a in zip(body.args, fdef.signature.input_arg)}
-        signatures = dict(self.signatures)
 
         def ref(tensor: Tensor) -> str:
             src, out = tensor
             if src in arg_names:
                 return arg_names[src]
-            return f"{src}:{opkinds.output_arg_names(body.nodedef(src), signatures)[out]}"
+            return f"{src}:{opkinds.output_arg_names(body.nodedef(src), self.signatures)[out]}"
 
         for node in body.topological_order():
             op = body.op(node)
