@@ -16,8 +16,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from tensorflow.core.framework import function_pb2
-from tensorflow.python.framework import function_def_to_graph
+import tensorflow as tf
+from tensorflow.core.framework import function_pb2, graph_pb2
+from tensorflow.python.framework import function_def_to_graph, importer
 
 from . import opkinds
 from .errors import UnsupportedGraphError
@@ -52,7 +53,9 @@ class Program:
         self.signatures = {name: f.signature for name, f in self.fdefs.items()}
         self.bodies: dict[str, IR] = {}
         self.call_sites: dict[str, list[tuple[IR, str, Callee]]] = defaultdict(list)
+        self._scope: tf.Graph | None = None
         self._load_reachable()
+        self._scope = None  # only needed while loading; it holds a copy of the library
 
     # ------------------------------------------------------------------ structure
 
@@ -104,7 +107,13 @@ class Program:
         if fdef is None:
             raise UnsupportedGraphError(f"the traced graph calls function {name!r}, which is not "
                                         "in its library; graphfreeze cannot follow it.")
-        graph = function_def_to_graph.function_def_to_graph(fdef)
+        # TensorFlow resolves the functions a body calls (If branches, nested calls) in the
+        # ambient context: the eager context, or the graph being traced when the step is
+        # rewritten from inside another tf.function (Keras's train function calling
+        # one_step_on_data). Neither need hold the step's own library, so load every body
+        # in a private graph that holds exactly that library.
+        with self._library_scope().as_default():
+            graph = function_def_to_graph.function_def_to_graph(fdef)
         body = IR.from_graph_def(graph.as_graph_def(), graph_meta(graph))
         body.library, body.versions = self.main.library, self.main.versions
         body.name, body.fdef = name, fdef
@@ -115,6 +124,15 @@ class Program:
             body.graph.nodes[ret]["index"] = k
         body.changed = False
         return body
+
+    def _library_scope(self) -> tf.Graph:
+        if self._scope is None:
+            library_only = graph_pb2.GraphDef(versions=self.main.versions)
+            library_only.library.CopyFrom(self.main.library)
+            self._scope = tf.Graph()
+            with self._scope.as_default():
+                importer.import_graph_def(library_only, name="")
+        return self._scope
 
     # ------------------------------------------------------------------ resources
 
