@@ -16,6 +16,7 @@ errors name the variable, its shape and the offending value):
 from __future__ import annotations
 
 import difflib
+import functools
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -355,25 +356,68 @@ def as_rule(obj: RuleLike) -> Rule:
 # --------------------------------------------------------------------------- resolution
 
 
+def compress(mask: np.ndarray) -> np.ndarray:
+    """The smallest array that broadcasts back to `mask`: every axis along which the mask
+    does not change is collapsed to length 1 (a Rows mask of [1088, 1088] becomes
+    [1088, 1], a Columns mask [1, 1088], a whole-variable mask all ones)."""
+    out = mask
+    for axis in range(mask.ndim):
+        if out.shape[axis] > 1:
+            first = np.take(out, [0], axis=axis)
+            if (out == first).all():
+                out = first
+    return out
+
+
 @dataclass(eq=False)
 class VariableFreeze:
-    """The net effect of all rules on one variable: `frozen` is True where entries stay fixed."""
+    """The net effect of all rules on one variable: `frozen` is True where entries stay fixed.
+
+    The mask is final once resolved; what the passes need of it (counts, the compact
+    broadcastable form, which single axis it varies along) is computed once.
+    """
 
     variable: VariableInfo
     frozen: np.ndarray
     rules: list[str] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def n_frozen(self) -> int:
-        return int(self.frozen.sum())
+        return int(np.count_nonzero(self.frozen))
 
     @property
     def full(self) -> bool:
-        return bool(self.frozen.all())
+        return self.n_frozen == self.frozen.size
 
     @property
     def partial(self) -> bool:
         return 0 < self.n_frozen < self.frozen.size
+
+    @functools.cached_property
+    def compact(self) -> np.ndarray:
+        """`frozen` with every constant axis collapsed to 1 (see `compress`); it broadcasts
+        back to the variable's shape. The one form the passes store in a graph."""
+        return compress(self.frozen)
+
+    @property
+    def varying_axes(self) -> tuple[int, ...]:
+        """The axes along which the mask changes: (0,) for rows only, (rank - 1,) for
+        columns only, () for a whole variable."""
+        return tuple(a for a, n in enumerate(self.compact.shape) if n > 1)
+
+    @property
+    def axis(self) -> int | None:
+        """The one axis a rows-only or columns-only mask varies along, else None."""
+        axes = self.varying_axes
+        return axes[0] if len(axes) == 1 else None
+
+    def indices(self, *, frozen: bool) -> np.ndarray:
+        """Frozen (or trainable) indices along `axis`; only for single-axis masks."""
+        if self.axis is None:
+            raise ValueError(f"the mask of {self.variable.path!r} varies along "
+                             f"{len(self.varying_axes)} axes, not one")
+        line = self.compact.reshape(-1)
+        return np.flatnonzero(line if frozen else ~line)
 
 
 def resolve(rules: Sequence[RuleLike], variables: Sequence[VariableInfo]) -> list[VariableFreeze]:
@@ -381,16 +425,17 @@ def resolve(rules: Sequence[RuleLike], variables: Sequence[VariableInfo]) -> lis
 
     Raises `RuleError` naming the rule for anything that does not fit; nothing is partial.
     """
-    state: dict[int, VariableFreeze] = {}
+    masks: dict[int, tuple[VariableInfo, np.ndarray, list[str]]] = {}
     for rule in (as_rule(r) for r in rules):
         for var in match_target(rule.target, variables, rule):
             sel = rule.entries(var)
-            vf = state.get(id(var))
-            if vf is None:
-                vf = state[id(var)] = VariableFreeze(var, np.zeros(var.shape, dtype=bool))
+            if id(var) not in masks:
+                masks[id(var)] = (var, np.zeros(var.shape, dtype=bool), [])
+            _, frozen, described = masks[id(var)]
             if rule.freezes:
-                vf.frozen |= sel
+                frozen |= sel
             else:
-                vf.frozen &= ~sel
-            vf.rules.append(rule.describe())
-    return [vf for vf in state.values() if vf.n_frozen]
+                frozen &= ~sel
+            described.append(rule.describe())
+    found = (VariableFreeze(var, frozen, described) for var, frozen, described in masks.values())
+    return [vf for vf in found if vf.n_frozen]

@@ -142,9 +142,12 @@ def test_low_precision_masks_are_dtype_correct(dtype):
         tf.cast(p, "float32") - y)))
     rw = gf.rewrite(step, [gf.Columns("d1/kernel", [0, 1, 2]), gf.Rows("out/kernel", [7])],
                     *[(x.astype(dtype), y) for x, y in DATA[:1]][0])
-    consts = [d for n, d in rw.graph.nodes(data=True) if d.get("inserted") and d["op"] == "Const"
-              and "keep" in n]
-    assert consts and all(tf.as_dtype(d["dtypes"][0]).name == dtype for d in consts)
+    # masks are stored as bool and select; the zeros they select have the gradient's dtype
+    consts = {n: tf.as_dtype(d["dtypes"][0]).name for n, d in rw.graph.nodes(data=True)
+              if d.get("inserted") and d["op"] == "Const"}
+    assert sorted(t for n, t in consts.items() if "graphfreeze/frozen/" in n) == ["bool", "bool"]
+    zeros = [t for n, t in consts.items() if n.endswith("/zero")]
+    assert zeros and set(zeros) == {dtype}
     before = model.get_layer("d1").kernel.numpy().copy(), model.get_layer("out").kernel.numpy().copy()
     for x, y in DATA[:5]:
         rw(x.astype(dtype), y)

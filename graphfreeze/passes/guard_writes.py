@@ -5,11 +5,14 @@ as they are, so no optimizer term (decoupled weight decay, momentum built up bef
 freezing, EMA overwrite) can move them:
 
 * AssignVariableOp(v, new)            -> Assign(v, where(frozen, read(v), new))
-* Assign{Add,Sub}VariableOp(v, delta) -> delta * keep
-* ResourceScatter{Add,Sub}(v, i, u)   -> u * gather(keep, i)
-* ResourceScatter{Update,Min,Max}     -> where(gather(frozen, i), gather(v, i), u)
-* ResourceScatter{Mul,Div}            -> where(gather(frozen, i), 1, u)
+* Assign{Add,Sub}VariableOp(v, delta) -> where(frozen, 0, delta)
+* ResourceScatter{Add,Sub}(v, i, u)   -> where(frozen[i], 0, u)
+* ResourceScatter{Update,Min,Max}     -> where(frozen[i], v[i], u)
+* ResourceScatter{Mul,Div}            -> where(frozen[i], 1, u)
 * ResourceScatterNd{Add,Sub,Update}   -> the same with GatherNd
+
+Every guard selects with the variable's shared bool mask (passes/masks.py), so an inf or
+NaN written at a frozen entry is dropped, never multiplied into NaN.
 
 Fused ResourceApply* kernels and strided-slice assignment cannot be guarded entry by
 entry from outside; partly freezing a variable they write is refused by name.
@@ -18,7 +21,6 @@ entry from outside; partly freezing a variable they write is refused by name.
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
 from .. import opkinds
 from ..errors import UnsupportedGraphError
@@ -27,7 +29,7 @@ from ..plan import Plan
 from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
-from .masks import compress, frozen_const, keep_const, slug
+from .masks import frozen_entries, frozen_mask, frozen_rows, slug
 from .resources import check_known_use
 
 PASS = "guard_writes"
@@ -59,17 +61,11 @@ def _guard_partial(ir: IR, plan: Plan, node: str, index: int, vf: VariableFreeze
     inputs = ir.inputs(node)
     var = vf.variable
     b = Builder(ir, PASS, node, f"graphfreeze/{PASS}/{slug(var.path)}")
-
-    def const_like(tensor, make):
-        return b.adopt(make(ir, vf, ir.dtype(tensor), device=b.device, after=b.after,
-                            pass_name=PASS))
-
     if op == "AssignVariableOp":
         old = b.read(inputs[0], var.dtype, var.shape, "old")
-        frozen = b.adopt(frozen_const(ir, vf, device=b.device, after=b.after, pass_name=PASS))
-        ir.set_input(node, 1, b.select(frozen, old, inputs[1]))
+        ir.set_input(node, 1, b.select(frozen_mask(b, vf), old, inputs[1]))
     elif op in ("AssignAddVariableOp", "AssignSubVariableOp"):
-        ir.set_input(node, 1, b.mul(inputs[1], const_like(inputs[1], keep_const)))
+        ir.set_input(node, 1, b.select(frozen_mask(b, vf), _scalar(b, inputs[1], 0), inputs[1]))
     elif op.startswith("ResourceScatterNd"):
         _guard_scatter(ir, b, node, inputs, vf, nd=True)
     elif op.startswith("ResourceScatter"):
@@ -82,25 +78,22 @@ def _guard_partial(ir: IR, plan: Plan, node: str, index: int, vf: VariableFreeze
     plan.notes.inserted.extend(b.created)
 
 
+def _scalar(b: Builder, like, value) -> tuple:
+    dtype = b.ir.dtype(like)
+    return b.const(f"scalar_{value}", np.asarray(value, dtype.as_numpy_dtype), dtype)
+
+
 def _guard_scatter(ir: IR, b: Builder, node: str, inputs, vf: VariableFreeze, *, nd: bool) -> None:
     op = ir.op(node)
     kind = op[len("ResourceScatterNd" if nd else "ResourceScatter"):]
     resource, indices, updates = inputs[0], inputs[1], inputs[2]
-    dtype = ir.dtype(updates)
-    gather = b.gather_nd if nd else b.gather_rows
-    # ScatterNd indexes whole entries (or leading-axis blocks), so it needs the full mask.
-    mask = vf.frozen if nd else compress(vf.frozen, keep_axis0=True)
-    frozen = b.adopt(ir.add_const(f"{b.prefix}/frozen_rows", mask, tf.bool, device=b.device,
-                                  after=b.after, inserted_by=PASS))
-    frozen_at = gather(frozen, indices, "frozen_at")
+    frozen_at = frozen_entries(b, vf, indices) if nd else frozen_rows(b, vf, indices)
     if kind in ("Add", "Sub"):
-        zero = b.const("zero", np.zeros((), dtype.as_numpy_dtype), dtype)
-        new = b.select(frozen_at, zero, updates)
+        new = b.select(frozen_at, _scalar(b, updates, 0), updates)
     elif kind in ("Mul", "Div"):
-        one = b.const("one", np.ones((), dtype.as_numpy_dtype), dtype)
-        new = b.select(frozen_at, one, updates)
+        new = b.select(frozen_at, _scalar(b, updates, 1), updates)
     elif kind in ("Update", "Min", "Max"):
-        old = b.resource_gather(resource, indices, dtype, "old_rows", nd=nd)
+        old = b.resource_gather(resource, indices, ir.dtype(updates), "old_rows", nd=nd)
         new = b.select(frozen_at, old, updates)
     else:
         raise UnsupportedGraphError(f"{op} node {node!r} writes a partly frozen variable "

@@ -6,16 +6,21 @@ the anchor; what flows into it changes:
 * fully frozen, dense:   Fill(shape, 0)       - the backward ops that produced the
                                                  gradient lose their last use and die;
 * fully frozen, sparse:  Fill([n, *row], 0)   - built from the slice indices only;
-* partly frozen, dense:  g * keep             - keep is a constant of g's dtype;
-* partly frozen, sparse: values * gather(keep, indices) - never densified.
+* partly frozen, dense:  where(frozen, 0, g)  - the shared bool mask (passes/masks.py);
+* partly frozen, sparse: where(frozen[indices], 0, values) - never densified.
+
+Masks select, never multiply: an inf or NaN in a frozen entry's gradient becomes 0, not
+NaN (0 * inf), and cannot reach the optimizer.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..plan import Plan
 from ..program import Program
 from .build import Builder
-from .masks import keep_const, slug
+from .masks import frozen_mask, frozen_rows, slug
 
 PASS = "mask_gradients"
 
@@ -33,15 +38,13 @@ def mask_gradients(program: Program, plan: Plan) -> Program:
             if vf.full:
                 new = b.zeros_rows(indices, var.shape[1:], dtype)
             else:
-                keep = b.adopt(keep_const(ir, vf, dtype, gathered=True, device=b.device,
-                                          after=b.after, pass_name=PASS))
-                new = b.mul(grad, b.gather_rows(keep, indices, "keep_rows"))
+                zero = b.const("zero", np.zeros((), dtype.as_numpy_dtype), dtype)
+                new = b.select(frozen_rows(b, vf, indices), zero, grad)
         elif vf.full:
             new = b.zeros(var.shape, dtype)
         else:
-            keep = b.adopt(keep_const(ir, vf, dtype, device=b.device, after=b.after,
-                                      pass_name=PASS))
-            new = b.mul(grad, keep)
+            zero = b.const("zero", np.zeros((), dtype.as_numpy_dtype), dtype)
+            new = b.select(frozen_mask(b, vf), zero, grad)
         ir.set_input(marker.values, 0, new)
         plan.notes.inserted.extend(b.created)
     return program

@@ -1,7 +1,16 @@
-"""Mask constants inserted by the passes, as small as broadcasting allows.
+"""The one place the passes get a frozen variable's mask from.
 
-A Rows/Columns mask is constant along all but one axis; collapsing those axes to 1 turns a
-[1088, 1088] constant into [1088, 1] and lets Mul/SelectV2 broadcast it.
+A mask is stored once per graph and variable, as a bool constant in the compact form of
+`VariableFreeze.compact` (every axis along which it does not change collapsed to 1: a
+Rows mask of a [1088, 1088] kernel is a [1088, 1] constant, a random Mask over a
+[2_000_000, 256] table 512 MB of bools, never a float copy). Every pass that needs it
+(gradient masks, write guards, forward mode) reads that constant and *selects* with it
+(`SelectV2`), never multiplies, so an inf or NaN at a frozen entry cannot leak into a
+trainable one or turn a frozen one into NaN.
+
+Sparse uses gather what they need: the mask rows of an `IndexedSlices`' indices (only when
+the mask varies along axis 0; a Columns mask simply broadcasts), or the mask entries at a
+`ScatterNd`'s index tuples (collapsed axes indexed at 0).
 """
 
 from __future__ import annotations
@@ -9,58 +18,58 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from ..ir import IR, Tensor
+from ..ir import Tensor
 from ..rules import VariableFreeze
-
-
-def compress(mask: np.ndarray, *, keep_axis0: bool = False) -> np.ndarray:
-    """The smallest array that broadcasts back to `mask` by collapsing constant axes.
-
-    `keep_axis0` leaves axis 0 whole, for masks that are gathered by row index.
-    """
-    out = mask
-    for axis in range(1 if keep_axis0 else 0, mask.ndim):
-        first = np.take(out, [0], axis=axis)
-        if out.shape[axis] > 1 and (out == first).all():
-            out = first
-    return out
+from .build import Builder
 
 
 def slug(path: str) -> str:
     return path.replace("/", "_").replace(":", "_")
 
 
-def _shared_const(ir: IR, key: tuple, name: str, value: np.ndarray, dtype: tf.DType, device: str,
-                  after: float | None, pass_name: str) -> Tensor:
-    """One constant per (graph, variable, kind, dtype), however many ops use it. A reused
-    constant moves up in program order to precede its new consumer (it has no inputs)."""
-    cache = ir.const_cache
-    tensor = cache.get(key)
+def frozen_mask(b: Builder, vf: VariableFreeze) -> Tensor:
+    """The variable's compact frozen mask (True = frozen) in `b`'s graph, as a bool constant
+    that broadcasts to the variable's shape; one constant per graph and variable however
+    many passes and ops use it. A reused constant moves up in program order to precede its
+    new consumer (it has no inputs)."""
+    ir = b.ir
+    key = ("frozen", vf.variable.path)
+    tensor = ir.const_cache.get(key)
     if tensor is not None and tensor[0] in ir:
-        if after is not None:
-            node = ir.graph.nodes[tensor[0]]
-            node["order"] = min(node["order"], after + 1e-9)
-        return tensor
-    tensor = ir.add_const(name, value, dtype, device=device, after=after, inserted_by=pass_name)
-    cache[key] = tensor
-    return tensor
+        node = ir.graph.nodes[tensor[0]]
+        node["order"] = min(node["order"], b.after + 1e-9)
+        return b.adopt(tensor)
+    tensor = ir.add_const(f"graphfreeze/frozen/{slug(vf.variable.path)}", vf.compact, tf.bool,
+                          device=b.device, after=b.after, inserted_by=b.pass_name)
+    ir.const_cache[key] = tensor
+    return b.adopt(tensor)
 
 
-def keep_const(ir: IR, vf: VariableFreeze, dtype: tf.DType, *, gathered: bool = False,
-               device: str = "", after: float | None = None, pass_name: str = "") -> Tensor:
-    """1 where the entry trains, 0 where frozen, in `dtype` (for g * keep).
+def frozen_rows(b: Builder, vf: VariableFreeze, indices: Tensor) -> Tensor:
+    """The mask of rows `indices` (axis 0), broadcastable to [len(indices), *shape[1:]]."""
+    mask = frozen_mask(b, vf)
+    if vf.compact.shape[0] == 1:  # the same for every row: no gather needed ...
+        shape = b.ir.shape(indices)
+        if shape is not None and len(shape) == 1:
+            return mask
+        zero = b.const("row_zero", np.zeros((), b.ir.dtype(indices).as_numpy_dtype),
+                       b.ir.dtype(indices))  # ... but row 0 taken as often as indices say
+        indices = b.mul(indices, zero, "row_index")
+    return b.gather_rows(mask, indices, "frozen_rows")
 
-    `gathered` keeps axis 0 whole so the constant can be gathered with sparse row indices.
-    """
-    value = compress(~vf.frozen, keep_axis0=gathered).astype(dtype.as_numpy_dtype)
-    return _shared_const(ir, ("keep", vf.variable.path, dtype.name, gathered),
-                         f"graphfreeze/keep/{slug(vf.variable.path)}", value, dtype, device, after,
-                         pass_name)
 
-
-def frozen_const(ir: IR, vf: VariableFreeze, *, gathered: bool = False, device: str = "",
-                 after: float | None = None, pass_name: str = "") -> Tensor:
-    """True where the entry is frozen, as a compressed bool constant for SelectV2."""
-    return _shared_const(ir, ("frozen", vf.variable.path, "bool", gathered),
-                         f"graphfreeze/frozen/{slug(vf.variable.path)}",
-                         compress(vf.frozen, keep_axis0=gathered), tf.bool, device, after, pass_name)
+def frozen_entries(b: Builder, vf: VariableFreeze, indices: Tensor) -> Tensor:
+    """The mask at ScatterNd/GatherNd index tuples `indices` ([..., k], k <= rank): the
+    entries (or trailing blocks) they address, broadcastable to the gathered values."""
+    mask = frozen_mask(b, vf)
+    shape = b.ir.shape(indices)
+    depth = shape[-1] if shape else None
+    if depth is None:
+        raise ValueError(f"the index depth of {indices} is unknown")
+    collapsed = [vf.compact.shape[a] == 1 for a in range(depth)]
+    if any(collapsed):  # index a collapsed axis at 0
+        dtype = b.ir.dtype(indices)
+        keep = b.const("frozen_index_axes", np.array([0 if c else 1 for c in collapsed],
+                                                     dtype.as_numpy_dtype), dtype)
+        indices = b.mul(indices, keep, "frozen_index")
+    return b.gather_nd(mask, indices, "frozen_at")

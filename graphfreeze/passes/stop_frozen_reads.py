@@ -3,7 +3,12 @@
 After each read of a frozen variable:
 
 * fully frozen:  StopGradient(x)
-* partly frozen: keep * x + StopGradient(frozen * x)   (the seed-002 trick, exact in value)
+* partly frozen: where(frozen, StopGradient(x), x)
+
+The select is x bitwise (an inf or NaN at a frozen entry stays what it is, where the
+seed-002 trick keep * x + StopGradient(frozen * x) would turn it into NaN), and its
+gradient is where(frozen, 0, upstream): SelectV2's gradient routes the upstream gradient
+of frozen entries to the StopGradient branch, where it ends.
 
 A read that only feeds a row gather (an embedding lookup) is masked after the gather,
 with the mask rows gathered by the same indices, so the caller's gradient stays sparse.
@@ -16,7 +21,7 @@ from ..plan import Plan
 from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
-from .masks import compress, slug
+from .masks import frozen_mask, frozen_rows, slug
 from .resources import check_known_use
 
 PASS = "stop_frozen_reads"
@@ -57,14 +62,7 @@ def _mask(ir: IR, plan: Plan, vf: VariableFreeze, anchor: str, x: Tensor,
     if vf.full:
         y = b.stop_gradient(x)
     else:
-        dtype = ir.dtype(x)
-        gathered = indices is not None
-        np_dtype = dtype.as_numpy_dtype
-        keep = b.const("keep", compress(~vf.frozen, keep_axis0=gathered).astype(np_dtype), dtype)
-        frozen = b.const("frozen", compress(vf.frozen, keep_axis0=gathered).astype(np_dtype), dtype)
-        if gathered:
-            keep = b.gather_rows(keep, indices, "keep_rows")
-            frozen = b.gather_rows(frozen, indices, "frozen_rows")
-        y = b.add(b.mul(x, keep, "trained"), b.stop_gradient(b.mul(x, frozen, "fixed")))
+        frozen = frozen_mask(b, vf) if indices is None else frozen_rows(b, vf, indices)
+        y = b.select(frozen, b.stop_gradient(x), x)
     ir.replace_uses(x, y, exclude=b.created)
     plan.notes.inserted.extend(b.created)
