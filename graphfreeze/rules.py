@@ -16,8 +16,8 @@ errors name the variable, its shape and the offending value):
 from __future__ import annotations
 
 import difflib
-import functools
 import fnmatch
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
