@@ -137,3 +137,57 @@ def test_resource_reaching_a_body_through_an_unknown_op_is_refused():
 
     with pytest.raises(gf.UnsupportedGraphError, match=r"'mapped'.*(MapDataset|Dataset)"):
         gf.rewrite(step, ["mapped"], X)
+
+
+def test_fused_batchnorm_switches_to_inference_mode_forward_and_backward():
+    """TF1-style fused BatchNorm (FusedBatchNormV3, statistics updated with assign_sub):
+    with batchnorm_inference the op and its gradient op run in inference mode, equal to
+    the same step written in inference mode by hand; the conv below it still trains."""
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(4, 6, 6, 3)).astype("float32") for _ in range(3)]
+
+    def variables():
+        return {"w": tf.Variable(rng.normal(size=(3, 3, 3, 4)).astype("float32") * 0.3, name="conv_w"),
+                "gamma": tf.Variable(np.linspace(0.5, 1.5, 4, dtype="float32"), name="bn_gamma"),
+                "beta": tf.Variable(np.linspace(-0.2, 0.2, 4, dtype="float32"), name="bn_beta"),
+                "mean": tf.Variable(np.linspace(-0.3, 0.3, 4, dtype="float32"), name="bn_mean"),
+                "var": tf.Variable(np.linspace(0.5, 2.0, 4, dtype="float32"), name="bn_var"),
+                "head": tf.Variable(rng.normal(size=(4,)).astype("float32"), name="head")}
+
+    def step_for(v, training):
+        def step(x):
+            with tf.GradientTape() as tape:
+                h = tf.nn.conv2d(x, v["w"], 1, "SAME")
+                if training:
+                    y, m, s = tf.compat.v1.nn.fused_batch_norm(h, v["gamma"], v["beta"],
+                                                               epsilon=1e-3, is_training=True)
+                    v["mean"].assign_sub((v["mean"] - m) * 0.1)
+                    v["var"].assign_sub((v["var"] - s) * 0.1)
+                else:
+                    y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                        h, v["gamma"], v["beta"], mean=v["mean"], variance=v["var"], epsilon=1e-3,
+                        is_training=False)
+                loss = tf.reduce_sum(tf.tanh(tf.reduce_mean(y, [1, 2]) * v["head"]) ** 2)
+            trained = [v["w"], v["head"]] + ([v["gamma"], v["beta"]] if training else [])
+            for var, g in zip(trained, tape.gradient(loss, trained)):
+                var.assign_sub(0.1 * g)
+            return loss
+        return step
+
+    ours, ref = variables(), variables()
+    for k in ref:
+        ref[k].assign(ours[k])
+    frozen = {k: ours[k].numpy().copy() for k in ("gamma", "beta", "mean", "var")}
+    w_before = ours["w"].numpy().copy()
+    rw = gf.rewrite(step_for(ours, True), ["bn_*"], xs[0], batchnorm_inference=True)
+    ref_step = tf.function(step_for(ref, False))
+    for x in xs:
+        rw(x)
+        ref_step(x)
+    for k, value in frozen.items():
+        assert np.array_equal(ours[k].numpy(), value), k
+    for k in ("w", "head"):
+        np.testing.assert_allclose(ours[k].numpy(), ref[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert not np.array_equal(ours["w"].numpy(), w_before)
+    fused = [d["nodedef"] for _, d in rw.graph.nodes(data=True) if d["op"].startswith("FusedBatchNorm")]
+    assert fused and not any(nd.attr["is_training"].b for nd in fused)
