@@ -37,6 +37,10 @@ RETVAL = "_Retval"  # synthetic node standing for a function body's output k
 _DT_RESOURCE = tf.resource.as_datatype_enum
 
 
+class LintError(RuntimeError):
+    """An IR broke a structural invariant: a bug in graphfreeze (a pass), not in user input."""
+
+
 def parse_input(text: str) -> tuple[str, int, bool]:
     """'name', 'name:3' or '^name' -> (node, output, is_control)."""
     if text.startswith("^"):
@@ -199,6 +203,38 @@ class IR:
 
     def device(self, name: str) -> str:
         return self.graph.nodes[name]["nodedef"].device
+
+    def lint(self) -> None:
+        """Check the encoding (see the module docstring), as torch.fx's `Graph.lint()`:
+        no dangling inputs (an edge from a node that is not in the graph), every NodeDef
+        named as its node, data inputs numbered 0..k-1 once each and keyed by their index,
+        no output index beyond what its producer has, no cycle. Raises `LintError`."""
+        g = self.graph
+        where = f" in function {self.name!r}" if self.name else ""
+        for node, data in g.nodes(data=True):
+            if "op" not in data:
+                users = sorted(dst for _, dst in g.out_edges(node))
+                raise LintError(f"dangling input{where}: {users[:3]} read {node!r}, which is "
+                                "not in the graph")
+            if data["nodedef"].name != node:
+                raise LintError(f"node {node!r}{where} carries the NodeDef of "
+                                f"{data['nodedef'].name!r}")
+            indices = []
+            for src, _, key, attrs in g.in_edges(node, keys=True, data=True):
+                if attrs["control"]:
+                    continue
+                if key != attrs["dst_input"]:
+                    raise LintError(f"input {attrs['dst_input']} of {node!r}{where} is keyed {key!r}")
+                indices.append(attrs["dst_input"])
+                n_out = len(g.nodes[src].get("dtypes") or ())
+                if n_out and attrs["src_output"] >= n_out:
+                    raise LintError(f"{node!r}{where} reads output {attrs['src_output']} of "
+                                    f"{src!r}, which has {n_out}")
+            if sorted(indices) != list(range(len(indices))):
+                raise LintError(f"data inputs of {node!r}{where} are numbered {sorted(indices)}")
+        if not nx.is_directed_acyclic_graph(g):
+            cycle = nx.find_cycle(g)
+            raise LintError(f"cycle{where}: {[e[0] for e in cycle][:5]}")
 
     # ------------------------------------------------------------------ edits
 

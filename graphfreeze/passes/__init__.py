@@ -7,6 +7,7 @@ bodies it calls (see graphfreeze/program.py) in place and records what it did in
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from ..plan import Plan
@@ -15,6 +16,7 @@ from .batchnorm_inference import batchnorm_inference
 from .dead_code import eliminate_dead_code
 from .fold_zeros import fold_frozen_zeros
 from .guard_writes import guard_writes
+from .lint import lint
 from .mask_gradients import mask_gradients
 from .prune_optimizer_state import prune_optimizer_state
 from .stop_frozen_reads import stop_frozen_reads
@@ -43,12 +45,32 @@ FORWARD_PIPELINE: Sequence[Pass] = (
 )
 
 
-def run_pipeline(program: Program, plan: Plan) -> Program:
-    """Run the pipeline that fits the traced function; edits `program` in place."""
-    for p in TRAINING_PIPELINE if plan.training else FORWARD_PIPELINE:
+#: Passes that read the dependence analysis (plan.dependence); until the last of them has
+#: run, every pass must leave it valid (checked by lint when verifying).
+READS_DEPENDENCE = frozenset({batchnorm_inference, prune_optimizer_state})
+
+#: Run `lint` after every pass (the test suite sets it, as does GRAPHFREEZE_VERIFY=1).
+VERIFY = False
+
+
+def run_pipeline(program: Program, plan: Plan, *, verify: bool | None = None) -> Program:
+    """Run the pipeline that fits the traced function; edits `program` in place.
+
+    With `verify` (default: `VERIFY` or the environment variable GRAPHFREEZE_VERIFY=1),
+    `lint` checks the program after every pass and names the pass that broke it.
+    """
+    if verify is None:
+        verify = VERIFY or os.environ.get("GRAPHFREEZE_VERIFY") == "1"
+    pipeline = list(TRAINING_PIPELINE if plan.training else FORWARD_PIPELINE)
+    stripped = False
+    for i, p in enumerate(pipeline):
         program = p(program, plan)
+        stripped |= p is strip_markers
+        if verify:
+            lint(program, plan, after=p.__name__, markers_stripped=stripped,
+                 dependence=any(q in READS_DEPENDENCE for q in pipeline[i + 1:]))
     program.refresh_read_only_inputs()
     return program
 
 
-__all__ = ["TRAINING_PIPELINE", "FORWARD_PIPELINE", "run_pipeline", "Pass"]
+__all__ = ["TRAINING_PIPELINE", "FORWARD_PIPELINE", "run_pipeline", "Pass", "lint", "VERIFY"]
