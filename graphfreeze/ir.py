@@ -28,7 +28,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2
 
 Tensor = tuple[str, int]
 CTRL = "ctrl"
@@ -266,7 +266,7 @@ class IR:
 
     def add_const(self, name: str, value: np.ndarray, dtype: tf.DType, *, device: str = "",
                   after: float | None = None, inserted_by: str = "") -> Tensor:
-        proto = tf.make_tensor_proto(np.asarray(value), dtype=dtype)
+        proto = _tensor_proto(np.asarray(value), dtype)
         node = self.add_node(name, "Const", attrs={"value": proto, "dtype": dtype},
                              dtypes=[dtype], shapes=[np.shape(value)], device=device,
                              after=after, inserted_by=inserted_by)
@@ -412,6 +412,17 @@ class IR:
             if not attrs["control"] and attrs["dst_input"] == index:
                 return (src, node, key)
         raise KeyError(f"{node} has no input {index}")
+
+
+def _tensor_proto(value: np.ndarray, dtype: tf.DType) -> Any:
+    """A TensorProto holding `value` as raw bytes. `tf.make_tensor_proto` appends bools
+    one Python object at a time (a minute for 12M entries); a mask of 512M must not."""
+    if dtype == tf.bool or value.size > 1024 and dtype.is_numpy_compatible and \
+            dtype not in (tf.string, tf.resource, tf.variant):
+        return tensor_pb2.TensorProto(
+            dtype=dtype.as_datatype_enum, tensor_shape=tf.TensorShape(value.shape).as_proto(),
+            tensor_content=np.ascontiguousarray(value, dtype=dtype.as_numpy_dtype).tobytes())
+    return tf.make_tensor_proto(value, dtype=dtype)
 
 
 def _attr_value(value: Any) -> Any:

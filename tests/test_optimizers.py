@@ -103,7 +103,8 @@ def test_s1_partial(opt_name, option):
 
 
 S2_WHOLE = [(o, "plain") for o in OPTIMIZERS] + [(o, "global_clipnorm") for o in OPTIMIZERS] + \
-    [(o, opt) for o in ("SGD", "Adam", "RMSprop") for opt in ("ema", "accumulation", "weight_decay")]
+    [(o, opt) for o in ("SGD", "Adam", "RMSprop") for opt in ("ema", "accumulation", "weight_decay")] + \
+    [(o, "weight_decay") for o in ("AdamW", "Lamb", "Adafactor", "Lion")]
 S2_PARTIAL = [(o, "plain") for o in ELEMENTWISE] + \
     [(o, opt) for o in ("SGD", "Adam", "Lion") for opt in ("global_clipnorm", "ema", "accumulation")]
 
@@ -134,6 +135,84 @@ def test_s2_partial_equals_seed002_mask(opt_name, option):
     for x, y in DATA:
         rw(x, y)
         ref_step(x, y)
+    assert_close_models(model, reference)
+
+
+class HandSplitDense(keras.layers.Dense):
+    """The program an expert writes by hand: frozen entries are constants (their values
+    when the layer was split), the rest reads the variable. Frozen entries of the
+    variable itself may then move (decay) without reaching the forward pass."""
+
+    def split(self, kernel_frozen, bias_frozen):
+        self.parts = [(tf.constant(kernel_frozen), tf.constant(self.kernel.numpy())),
+                      (tf.constant(bias_frozen), tf.constant(self.bias.numpy()))]
+
+    def call(self, inputs):
+        (kf, k0), (bf, b0) = self.parts
+        return self.activation(inputs @ tf.where(kf, k0, self.kernel) + tf.where(bf, b0, self.bias))
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "Lion"])
+def test_s2_partial_decoupled_decay(opt_name):
+    """Under decoupled weight decay the seed-002 mask moves frozen entries (it only stops
+    gradients), so it is no reference; the hand-split program is: frozen entries are
+    constants in the forward pass. AdamW and Lion are elementwise, so its trainable
+    entries are the reference for ours, and ours stay bitwise where frozen."""
+    k_frozen, b_frozen = _partial_frozen()
+    model = mlp(SIZES)
+
+    def build_reference():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((SIZES[0],)),
+                                 HandSplitDense(SIZES[1], activation="tanh", name="hidden1"),
+                                 keras.layers.Dense(SIZES[2], activation="tanh", name="hidden2"),
+                                 keras.layers.Dense(SIZES[3], name="out")])
+
+    reference = build_reference()
+    reference.set_weights(model.get_weights())
+    h1, ref_h1 = model.get_layer("hidden1"), reference.get_layer("hidden1")
+    ref_h1.split(k_frozen, b_frozen)
+    before = h1.kernel.numpy().copy(), h1.bias.numpy().copy()
+    make = lambda: OPTIMIZERS[opt_name](weight_decay=0.1)  # noqa: E731
+    rw = gf.rewrite(make_step(model, make()), PARTIAL_RULES, *DATA[0])
+    ref_step = tf.function(make_step(reference, make()))
+    for x, y in DATA:
+        rw(x, y)
+        ref_step(x, y)
+    assert not np.array_equal(ref_h1.kernel.numpy()[k_frozen], before[0][k_frozen]), \
+        "decay moves the reference variable's (unused) frozen entries"
+    for ours, ref, old, frozen in [(h1.kernel, ref_h1.kernel, before[0], k_frozen),
+                                   (h1.bias, ref_h1.bias, before[1], b_frozen)]:
+        assert np.array_equal(ours.numpy()[frozen], old[frozen])
+        np.testing.assert_allclose(ours.numpy()[~frozen], ref.numpy()[~frozen], rtol=1e-5, atol=1e-5)
+    for name in ("hidden2", "out"):
+        for a, b in zip(model.get_layer(name).variables, reference.get_layer(name).variables):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5, err_msg=a.path)
+
+
+@pytest.mark.parametrize("opt_name", ["Lamb", "Adafactor"])
+def test_s2_partial_non_elementwise(opt_name):
+    """Lamb's trust ratio (a norm over the whole variable) and Adafactor's factored second
+    moments (row and column means) mix entries, so a frozen entry's value and gradient
+    reach trainable entries' updates. The seed-002 mask is still an exact reference when it
+    leaves frozen entries where they are: no weight decay and no optimizer state from
+    before freezing; the optimizer then sees the same weights and the same (zero at frozen
+    entries) gradients in both, and only the write differs. The test checks that the
+    reference indeed kept them. With decay no peer exists: graphfreeze's semantics is that
+    the optimizer sees frozen entries as constants (their zero gradient, their value)."""
+    k_frozen, b_frozen = _partial_frozen()
+    model = mlp(SIZES)
+    reference = masked_mlp(SIZES, {"hidden1": (keep_of(k_frozen), keep_of(b_frozen))})
+    reference.set_weights(model.get_weights())
+    ref_h1 = reference.get_layer("hidden1")
+    before = ref_h1.kernel.numpy().copy(), ref_h1.bias.numpy().copy()
+    rw = gf.rewrite(make_step(model, OPTIMIZERS[opt_name]()), PARTIAL_RULES, *DATA[0])
+    ref_step = tf.function(make_step(reference, OPTIMIZERS[opt_name]()))
+    for x, y in DATA:
+        rw(x, y)
+        ref_step(x, y)
+    assert np.array_equal(ref_h1.kernel.numpy()[k_frozen], before[0][k_frozen])
+    assert np.array_equal(ref_h1.bias.numpy()[b_frozen], before[1][b_frozen])
     assert_close_models(model, reference)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import assert_close_models, batches, make_step, mlp
-from references import MaskedEmbedding, keep_of, masked_mlp
+from references import MaskedEmbedding, entry_stop_gradients, keep_of, masked_mlp
 
 import graphfreeze as gf
 
@@ -252,3 +252,218 @@ def test_partial_rule_on_scalar():
 
     with pytest.raises(gf.FreezeError, match=r"'scale' \(shape \[\]\).*scalar"):
         gf.rewrite(step, [gf.Rows("scale", [0])], tf.ones([3]))
+
+
+# ------------------------------------------------------------------ masks select (S7)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_inf_gradient_at_frozen_entry_dense(opt_name):
+    """sqrt(v - 1) at v = 1 has an infinite gradient; multiplied by a 0/1 mask it is NaN.
+    Selected, the frozen entry keeps its value bitwise and the rest trains as under the
+    seed-002 mask (whose own frozen entry goes NaN: it stops gradients by multiplying)."""
+    make = {"sgd": lambda: keras.optimizers.SGD(0.1), "adam": lambda: keras.optimizers.Adam(0.1)}[opt_name]
+    v = tf.Variable([1.0, 2.0, 3.0], name="v")
+    ref = tf.Variable(v.numpy(), name="v_ref")
+    frozen = np.array([True, False, False])
+
+    def step_for(var, opt, keep=None):
+        def step(x):
+            with tf.GradientTape() as tape:
+                w = var if keep is None else entry_stop_gradients(var, tf.constant(keep))
+                loss = tf.reduce_sum(tf.sqrt(w - 1.0) * x)
+            opt.apply_gradients([(tape.gradient(loss, var), var)])
+            return loss
+        return step
+
+    x = tf.constant([1.0, 1.0, 2.0])
+    rw = gf.rewrite(step_for(v, make()), [gf.Mask("v", frozen)], x)
+    ref_step = tf.function(step_for(ref, make(), keep_of(frozen)))
+    for _ in range(3):
+        rw(x)
+        ref_step(x)
+    assert v.numpy()[0] == 1.0 and np.isnan(ref.numpy()[0])
+    np.testing.assert_allclose(v.numpy()[1:], ref.numpy()[1:], rtol=1e-6)
+    assert not np.array_equal(v.numpy()[1:], [2.0, 3.0])
+
+
+def test_inf_gradient_at_frozen_row_sparse():
+    """The same through an IndexedSlices gradient (an embedding lookup): the frozen row's
+    infinite slice values are selected away; the other rows get exactly the unfrozen
+    step's update."""
+    table = tf.Variable(np.array([[2.0, 3.0], [1.0, 1.0], [4.0, 2.0], [3.0, 5.0]], "float32"),
+                        name="table")
+    plain = tf.Variable(table.numpy(), name="table_plain")
+    ids = tf.constant([0, 1, 2, 1, 0])
+    opt, plain_opt = keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1)
+
+    def step_for(var, optimizer):
+        def step(i):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.sqrt(tf.gather(var, i) - 1.0))
+            grad = tape.gradient(loss, var)
+            assert isinstance(grad, tf.IndexedSlices)
+            optimizer.apply_gradients([(grad, var)])
+            return loss
+        return step
+
+    rw = gf.rewrite(step_for(table, opt), [gf.Rows("table", [1])], ids)
+    plain_step = tf.function(step_for(plain, plain_opt))
+    rw(ids)
+    plain_step(ids)
+    after = table.numpy()
+    assert np.array_equal(after[1], [1.0, 1.0])
+    assert not np.isfinite(plain.numpy()[1]).any()  # what an unguarded step does to that row
+    np.testing.assert_allclose(after[[0, 2, 3]], plain.numpy()[[0, 2, 3]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_inf_nan_written_to_frozen_entries(bad):
+    """assign_add / assign_sub / assign of deltas with inf or NaN at frozen entries: the
+    frozen entries stay bitwise, the others get exactly the written value."""
+    v = tf.Variable(np.arange(6, dtype="float32").reshape(2, 3), name="acc")
+    frozen = np.array([[True, False, False], [False, True, False]])
+
+    def write(d):
+        v.assign_add(d)
+        v.assign_sub(d * 0.5)
+        v.assign(v * 2.0 + d)
+        return v.read_value()
+
+    delta = np.where(frozen, bad, 0.25).astype("float32")
+    rw = gf.rewrite(write, [gf.Mask("acc", frozen)], delta)
+    before = v.numpy().copy()
+    out = rw(delta).numpy()
+    expected = (before + 0.25 - 0.125) * 2.0 + 0.25
+    np.testing.assert_array_equal(v.numpy()[frozen], before[frozen])
+    np.testing.assert_allclose(v.numpy()[~frozen], expected[~frozen], rtol=1e-6)
+    np.testing.assert_array_equal(out, v.numpy())
+
+
+def test_forward_mode_select_keeps_inf_and_zero_gradient():
+    """Forward mode: where(frozen, stop_gradient(x), x) is x bitwise, inf included (the
+    seed-002 form keep * x + stop_gradient(frozen * x) makes 0 * inf = NaN), and the
+    frozen entry's gradient is exactly zero even where the upstream gradient is inf."""
+    v = tf.Variable([np.inf, 5.0, 1.0], name="fwd")
+    table = tf.Variable(np.array([[np.inf, 1.0], [2.0, 3.0], [1.0, 4.0]], "float32"), name="fwd_table")
+
+    def forward(ids):
+        return tf.sqrt(v - 1.0), tf.sqrt(tf.gather(table, ids) - 1.0)
+
+    ids = tf.constant([0, 2, 1])
+    rw = gf.rewrite(forward, [gf.Mask("fwd", [True, False, True]), gf.Rows("fwd_table", [0, 2])], ids)
+    assert not rw.training
+    ours, plain = rw(ids), tf.function(forward)(ids)
+    for a, b in zip(ours, plain):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with tf.GradientTape(persistent=True) as tape:
+        a, b = rw(ids)
+        loss = tf.reduce_sum(a) + tf.reduce_sum(b)
+        p, q = forward(ids)
+        plain_loss = tf.reduce_sum(p) + tf.reduce_sum(q)
+    gv, gt = tape.gradient(loss, [v, table])
+    pv, pt = tape.gradient(plain_loss, [v, table])
+    np.testing.assert_array_equal(gv.numpy(), [0.0, pv.numpy()[1], 0.0])
+    assert isinstance(gt, tf.IndexedSlices)
+    dense, plain_dense = tf.convert_to_tensor(gt).numpy(), tf.convert_to_tensor(pt).numpy()
+    np.testing.assert_array_equal(dense[[0, 2]], 0.0)
+    np.testing.assert_allclose(dense[1], plain_dense[1], rtol=1e-6)
+    assert not np.isfinite(plain_dense[[0, 2]]).all()
+
+
+# ------------------------------------------------------------------ stored once, as bits
+
+
+@pytest.fixture
+def pack_small_masks(monkeypatch):
+    """Store every mask of 8+ entries as bits, so the packed path runs on small models."""
+    from graphfreeze.passes import masks
+    monkeypatch.setattr(masks, "PACK_AT", 8)
+
+
+def test_packed_mask_dense_equals_seed002(pack_small_masks):
+    rng = np.random.default_rng(3)
+    sizes = (6, 16, 10, 3)
+    k1 = rng.random((6, 16)) < 0.5
+    model = mlp(sizes)
+    reference = masked_mlp(sizes, {"hidden1": (keep_of(k1), None)})
+    reference.set_weights(model.get_weights())
+    rw = gf.rewrite(make_step(model, keras.optimizers.Adam(1e-2)),
+                    [gf.Mask("hidden1/kernel", k1)], *DATA[0])
+    ref_step = tf.function(make_step(reference, keras.optimizers.Adam(1e-2)))
+    consts = [d for n, d in rw.graph.nodes(data=True) if n.startswith("graphfreeze/frozen/")]
+    assert len(consts) == 1 and consts[0]["shapes"][0] == (6, 2)  # 16 columns in 2 bytes
+    for x, y in DATA:
+        rw(x, y)
+        ref_step(x, y)
+    assert_close_models(model, reference)
+
+
+def test_packed_mask_sparse_rows_and_forward(pack_small_masks):
+    rng = np.random.default_rng(4)
+    frozen = rng.random((20, 8)) < 0.5
+    model = _embedding_model(dim=8)
+    reference = _embedding_model(dim=8, layer=MaskedEmbedding, keep=keep_of(frozen))
+    reference.set_weights(model.get_weights())
+    emb = model.get_layer("emb").embeddings
+    before = emb.numpy().copy()
+    rw = gf.rewrite(make_step(model, keras.optimizers.SGD(0.1)), [gf.Mask("emb/embeddings", frozen)],
+                    *EMB_DATA[0])
+    ref_step = tf.function(make_step(reference, keras.optimizers.SGD(0.1)))
+    for x, y in EMB_DATA:
+        rw(x, y)
+        ref_step(x, y)
+    assert np.array_equal(emb.numpy()[frozen], before[frozen])
+    assert_close_models(model, reference)
+    # forward mode over the same packed mask: gathered rows, unpacked after the gather
+    fwd = gf.rewrite(lambda ids: model(ids), [gf.Mask("emb/embeddings", frozen)], EMB_DATA[0][0])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(fwd(EMB_DATA[0][0]) ** 2)
+    grad = tf.convert_to_tensor(tape.gradient(loss, emb)).numpy()
+    assert not grad[frozen].any() and grad[~frozen].any()
+
+
+def test_packed_mask_scatter_nd(pack_small_masks):
+    grid = tf.Variable(np.arange(32, dtype="float32").reshape(4, 8), name="packed_grid")
+    frozen = np.random.default_rng(5).random((4, 8)) < 0.5
+    indices = tf.constant([[r, c] for r in range(4) for c in range(8)])
+    updates = tf.constant(np.full(32, 100.0, "float32"))
+
+    def write(u):
+        tf.raw_ops.ResourceScatterNdAdd(ref=grid.handle, indices=indices, updates=u)
+        return grid.read_value()
+
+    before = grid.numpy().copy()
+    rw = gf.rewrite(write, [gf.Mask("packed_grid", frozen)], updates)
+    np.testing.assert_array_equal(rw(updates).numpy(), np.where(frozen, before, before + 100.0))
+
+
+@pytest.mark.slow
+def test_large_random_mask_rewrites_and_runs():
+    """A random Mask over a 1,050,000 x 256 table (268.8M entries; the two float32 copies
+    earlier versions stored would be 2.15 GB, past protobuf's 2 GB GraphDef limit): one
+    packed constant of 33.6 MB, and a step that keeps every frozen entry."""
+    rows, dim = 1_050_000, 256
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,), dtype="int32"),
+                              keras.layers.Embedding(rows, dim, name="emb",
+                                                     embeddings_initializer="zeros"),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1, name="head")])
+    bits = np.random.default_rng(0).integers(0, 256, size=rows * dim // 8, dtype=np.uint8)
+    frozen = np.unpackbits(bits).view(bool).reshape(rows, dim)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, rows, size=(32, 16)).astype("int32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+    rw = gf.rewrite(make_step(model, keras.optimizers.SGD(0.5)), [gf.Mask("emb/embeddings", frozen)],
+                    x, y)
+    consts = [n for n in rw.graph_def.node if n.name.startswith("graphfreeze/frozen/")]
+    assert len(consts) == 1 and consts[0].ByteSize() < rows * dim // 8 + 2**16
+    assert rw.graph_def.ByteSize() < 2**31
+    table = model.get_layer("emb").embeddings
+    touched = np.unique(x)
+    before = table.numpy()[touched]
+    rw(x, y)
+    after = table.numpy()[touched]
+    mask = frozen[touched]
+    assert np.array_equal(after[mask], before[mask])
+    assert (after[~mask] != before[~mask]).mean() > 0.99

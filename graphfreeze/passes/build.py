@@ -17,6 +17,8 @@ from ..ir import IR, Tensor
 INSERTED_OPS = frozenset({
     "Const", "Fill", "Mul", "AddV2", "SelectV2", "GatherV2", "GatherNd", "StopGradient",
     "ReadVariableOp", "ResourceGather", "ResourceGatherNd", "Shape", "ConcatV2", "Cast",
+    # unpacking a bit-packed mask (passes/masks.py)
+    "ExpandDims", "BitwiseAnd", "NotEqual", "Reshape",
 })
 
 
@@ -77,6 +79,30 @@ class Builder:
 
     def select(self, cond: Tensor, a: Tensor, b: Tensor, suffix: str = "select") -> Tensor:
         return self._elementwise("SelectV2", [cond, a, b], suffix)
+
+    def bitwise_and(self, a: Tensor, b: Tensor, suffix: str = "bitwise_and") -> Tensor:
+        return self._elementwise("BitwiseAnd", [a, b], suffix)
+
+    def not_equal(self, a: Tensor, b: Tensor, suffix: str = "not_equal") -> Tensor:
+        out = self._elementwise("NotEqual", [a, b], suffix)
+        self.ir.graph.nodes[out[0]]["dtypes"] = [tf.bool.as_datatype_enum]
+        return out
+
+    def expand_dims(self, x: Tensor, axis: int, suffix: str = "expand_dims") -> Tensor:
+        shape = self.ir.shape(x)
+        if shape is not None:
+            at = axis if axis >= 0 else len(shape) + 1 + axis
+            shape = tuple(shape[:at]) + (1,) + tuple(shape[at:])
+        dim = self.const(f"{suffix}_axis", np.int32(axis), tf.int32)
+        return self._add(suffix, "ExpandDims", [x, dim], self.ir.dtype(x), shape,
+                         {"T": self.ir.dtype(x), "Tdim": tf.int32})
+
+    def reshape(self, x: Tensor, shape: tuple, suffix: str = "reshape") -> Tensor:
+        """Reshape to `shape`, of which one dimension may be None (inferred)."""
+        target = self.const(f"{suffix}_shape", np.array([-1 if d is None else d for d in shape],
+                                                         np.int32), tf.int32)
+        return self._add(suffix, "Reshape", [x, target], self.ir.dtype(x), tuple(shape),
+                         {"T": self.ir.dtype(x), "Tshape": tf.int32})
 
     def stop_gradient(self, x: Tensor, suffix: str = "stop_gradient") -> Tensor:
         return self._elementwise("StopGradient", [x], suffix)

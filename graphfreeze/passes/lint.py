@@ -61,11 +61,15 @@ def _lint_masks(ir: IR, plan: Plan) -> None:
             if vf is None:
                 raise LintError(f"mask constant {node!r} belongs to no frozen variable")
             shape, var_shape = data["shapes"][0], tuple(vf.variable.shape)
-            if data["nodedef"].attr["dtype"].type != tf.bool.as_datatype_enum or shape is None or \
-                    len(shape) != len(var_shape) or \
+            dtype = data["nodedef"].attr["dtype"].type
+            if dtype == tf.uint8.as_datatype_enum and shape:  # bits packed along the last axis
+                shape = tuple(shape[:-1]) + (8 * shape[-1],)
+            elif dtype != tf.bool.as_datatype_enum:
+                raise LintError(f"mask constant {node!r} is {tf.as_dtype(dtype).name}, not bool")
+            if shape is None or len(shape) != len(var_shape) or \
                     any(d not in (1, n) for d, n in zip(shape, var_shape)):
-                raise LintError(f"mask constant {node!r} of shape {shape} does not broadcast "
-                                f"to {vf.variable.path!r} of shape {list(var_shape)}")
+                raise LintError(f"mask constant {node!r} of shape {data['shapes'][0]} does not "
+                                f"broadcast to {vf.variable.path!r} of shape {list(var_shape)}")
 
 
 def _lint_dependence(program: Program, plan: Plan) -> None:

@@ -1,16 +1,19 @@
 """The one place the passes get a frozen variable's mask from.
 
-A mask is stored once per graph and variable, as a bool constant in the compact form of
+A mask is stored once per graph and variable, in the compact form of
 `VariableFreeze.compact` (every axis along which it does not change collapsed to 1: a
-Rows mask of a [1088, 1088] kernel is a [1088, 1] constant, a random Mask over a
-[2_000_000, 256] table 512 MB of bools, never a float copy). Every pass that needs it
-(gradient masks, write guards, forward mode) reads that constant and *selects* with it
-(`SelectV2`), never multiplies, so an inf or NaN at a frozen entry cannot leak into a
-trainable one or turn a frozen one into NaN.
+Rows mask of a [1088, 1088] kernel is a [1088, 1] constant), as bools, or, from
+`PACK_AT` entries on, as bits: eight entries of the last axis per uint8, unpacked in the
+graph where used (a random Mask over a [2_000_000, 256] table is a 64 MB constant, not
+512 MB of bools, let alone a float copy). Every pass that needs it (gradient masks, write
+guards, forward mode) reads that constant and *selects* with it (`SelectV2`), never
+multiplies, so an inf or NaN at a frozen entry cannot leak into a trainable one or turn a
+frozen one into NaN.
 
 Sparse uses gather what they need: the mask rows of an `IndexedSlices`' indices (only when
-the mask varies along axis 0; a Columns mask simply broadcasts), or the mask entries at a
-`ScatterNd`'s index tuples (collapsed axes indexed at 0).
+the mask varies along axis 0; a Columns mask simply broadcasts), packed rows unpacked
+after the gather, or the mask entries at a `ScatterNd`'s index tuples (collapsed axes
+indexed at 0).
 """
 
 from __future__ import annotations
@@ -18,20 +21,31 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from ..errors import UnsupportedGraphError
 from ..ir import Tensor
 from ..rules import VariableFreeze
 from .build import Builder
+
+#: Masks with at least this many entries (after compaction) whose last axis is a multiple
+#: of 8 are stored eight entries per byte.
+PACK_AT = 1 << 22
+_BITS = np.array([128, 64, 32, 16, 8, 4, 2, 1], np.uint8)  # np.packbits' (big-endian) order
 
 
 def slug(path: str) -> str:
     return path.replace("/", "_").replace(":", "_")
 
 
-def frozen_mask(b: Builder, vf: VariableFreeze) -> Tensor:
-    """The variable's compact frozen mask (True = frozen) in `b`'s graph, as a bool constant
-    that broadcasts to the variable's shape; one constant per graph and variable however
-    many passes and ops use it. A reused constant moves up in program order to precede its
-    new consumer (it has no inputs)."""
+def packed(vf: VariableFreeze) -> bool:
+    """Whether `vf`'s mask is stored as bits (see PACK_AT)."""
+    compact = vf.compact
+    return compact.size >= PACK_AT and compact.ndim > 0 and compact.shape[-1] % 8 == 0
+
+
+def stored_mask(b: Builder, vf: VariableFreeze) -> Tensor:
+    """The constant holding `vf`'s compact mask in `b`'s graph: bool, or uint8 bits packed
+    along the last axis. One per graph and variable however many passes and ops use it; a
+    reused constant moves up in program order to precede its new consumer."""
     ir = b.ir
     key = ("frozen", vf.variable.path)
     tensor = ir.const_cache.get(key)
@@ -39,15 +53,42 @@ def frozen_mask(b: Builder, vf: VariableFreeze) -> Tensor:
         node = ir.graph.nodes[tensor[0]]
         node["order"] = min(node["order"], b.after + 1e-9)
         return b.adopt(tensor)
-    tensor = ir.add_const(f"graphfreeze/frozen/{slug(vf.variable.path)}", vf.compact, tf.bool,
-                          device=b.device, after=b.after, inserted_by=b.pass_name)
+    name = f"graphfreeze/frozen/{slug(vf.variable.path)}"
+    if packed(vf):
+        tensor = ir.add_const(name, np.packbits(vf.compact, axis=-1), tf.uint8, device=b.device,
+                              after=b.after, inserted_by=b.pass_name)
+    else:
+        tensor = ir.add_const(name, vf.compact, tf.bool, device=b.device, after=b.after,
+                              inserted_by=b.pass_name)
     ir.const_cache[key] = tensor
     return b.adopt(tensor)
 
 
+def _unpack(b: Builder, bits: Tensor, vf: VariableFreeze) -> Tensor:
+    """uint8 [..., n] -> bool [..., 8 n]; one leading dimension may be unknown."""
+    shape = b.ir.shape(bits)
+    target = None if shape is None else tuple(shape[:-1]) + (8 * shape[-1],)
+    if target is None or sum(d is None for d in target) > 1:
+        raise UnsupportedGraphError(
+            f"{b.ir.op(b.anchor)} node {b.anchor!r} reads {vf.variable.path!r} in a shape "
+            f"graphfreeze cannot unpack its bit-packed mask ({vf.compact.size:,} entries) to "
+            f"({shape}); report the op.")
+    byte = b.bitwise_and(b.expand_dims(bits, -1, "frozen_bytes"),
+                         b.const("frozen_bits", _BITS, tf.uint8), "frozen_bit")
+    flags = b.not_equal(byte, b.const("frozen_zero", np.uint8(0), tf.uint8), "frozen_flags")
+    return b.reshape(flags, target, "frozen_unpacked")
+
+
+def frozen_mask(b: Builder, vf: VariableFreeze) -> Tensor:
+    """The variable's compact frozen mask (True = frozen) as a bool tensor that broadcasts
+    to the variable's shape."""
+    mask = stored_mask(b, vf)
+    return _unpack(b, mask, vf) if packed(vf) else mask
+
+
 def frozen_rows(b: Builder, vf: VariableFreeze, indices: Tensor) -> Tensor:
-    """The mask of rows `indices` (axis 0), broadcastable to [len(indices), *shape[1:]]."""
-    mask = frozen_mask(b, vf)
+    """The mask of rows `indices` (axis 0), broadcastable to [*indices.shape, *shape[1:]]."""
+    mask = stored_mask(b, vf)
     if vf.compact.shape[0] == 1:  # the same for every row: no gather needed ...
         shape = b.ir.shape(indices)
         if shape is not None and len(shape) == 1:
@@ -55,7 +96,8 @@ def frozen_rows(b: Builder, vf: VariableFreeze, indices: Tensor) -> Tensor:
         zero = b.const("row_zero", np.zeros((), b.ir.dtype(indices).as_numpy_dtype),
                        b.ir.dtype(indices))  # ... but row 0 taken as often as indices say
         indices = b.mul(indices, zero, "row_index")
-    return b.gather_rows(mask, indices, "frozen_rows")
+    rows = b.gather_rows(mask, indices, "frozen_rows")
+    return _unpack(b, rows, vf) if packed(vf) else rows
 
 
 def frozen_entries(b: Builder, vf: VariableFreeze, indices: Tensor) -> Tensor:
