@@ -99,15 +99,39 @@ def test_partial_entries_frozen(kind):
     assert not np.array_equal(after[~mask], before[~mask])
 
 
-def test_recurrent_loop_body_is_followed():
-    """The LSTM reads its kernels in the loop; its gradients come out of a gradient loop."""
-    build, x_shape = MODELS["lstm"]
-    model = build()
-    data = _data(x_shape)
-    rw = gf.rewrite(make_step(model, keras.optimizers.SGD(0.1)), ["rnn/*"], *data[0])
+def _lstm_sandwich():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 3))
+    h = keras.layers.Dense(4, activation="tanh", name="below")(inputs)
+    h = keras.layers.LSTM(4, name="rnn")(h)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(h))
+
+
+@pytest.mark.parametrize("frozen", ["rnn", "head"])
+def test_recurrent_loop_body_is_followed(frozen):
+    """The LSTM reads its kernels in a While body and its gradients come out of a
+    gradient loop. A frozen LSTM between two trainable layers (the gradient of `below`
+    passes through the frozen loop's backward), and a trainable LSTM under a frozen head:
+    both equal Keras trainable=False on the same layer."""
+    data = _data((8, 5, 3))
+    model = _lstm_sandwich()
+    reference = twin(model, _lstm_sandwich)
+    reference.get_layer(frozen).trainable = False
+    rw = gf.rewrite(make_step(model, keras.optimizers.Adam(1e-2)), [f"{frozen}/*"], *data[0])
     ops = {d["op"] for _, d in rw.original_graph.nodes(data=True)}
     assert ops & {"While", "StatelessWhile"}
     assert rw.program.bodies, "loop bodies should be loaded"
+    ref_step = tf.function(make_step(reference, keras.optimizers.Adam(1e-2)))
+    before = snapshot(model.variables)
+    for x, y in data:
+        rw(x, y)
+        ref_step(x, y)
+    for v in model.get_layer(frozen).variables:
+        assert np.array_equal(v.numpy(), before[v.path]), v.path
+    for name in {"below", "rnn", "head"} - {frozen}:
+        assert all(not np.array_equal(v.numpy(), before[v.path])
+                   for v in model.get_layer(name).trainable_variables), name
+    assert_close_models(model, reference)
 
 
 @pytest.fixture

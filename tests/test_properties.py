@@ -1,10 +1,11 @@
 """Property-based tests (issue 4): random MLP/CNN shapes, random whole and partial rules,
 a random optimizer; S1 and S2 must hold.
 
-The S2 reference works for any layer: whole-frozen variables are left out of the optimizer
-(what Keras trainable=False does) and partly frozen ones get their gradient multiplied by
-the keep mask before apply_gradients, which is exactly the gradient the seed-002 forward
-mask produces. Examples are derandomized so CI is reproducible.
+The S2 reference is computed without graphfreeze's mechanism: the same network written
+out with raw ops over a twin's variables, each partly frozen weight read through the
+seed-002 forward mask `stop_gradient((1 - m) * w) + m * w`, whole-frozen variables left
+out of the optimizer (what Keras trainable=False does). Examples are derandomized so CI
+is reproducible.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphfreeze as gf
+from references import entry_stop_gradients
 
 S2_OPTIMIZERS = {
     "SGD": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
@@ -104,16 +106,43 @@ def rules_for(variables, plan):
     return rules
 
 
-def _step(model, optimizer, variables, keeps):
+def _step(model, optimizer, variables):
     mse = keras.losses.MeanSquaredError()
 
     def train_step(x, y):
         with tf.GradientTape() as tape:
             loss = mse(y, model(x, training=True))
         grads = tape.gradient(loss, variables)
-        if keeps is not None:
-            grads = [g * k if k is not None else g for g, k in zip(grads, keeps)]
         optimizer.apply_gradients(zip(grads, variables))
+        return loss
+    return train_step
+
+
+def seed002_forward(arch, weights, keeps, x):
+    """build(arch)'s forward pass written out with raw ops; weight i is read through the
+    seed-002 mask where keeps[i] (1 = trains) is given."""
+    w = [v if k is None else entry_stop_gradients(v, k) for v, k in zip(weights, keeps)]
+    if arch[0] == "cnn":
+        h = tf.tanh(tf.nn.conv2d(x, w[0], 1, "VALID") + w[1])
+        h = tf.reshape(h, [tf.shape(h)[0], -1])
+        w = w[2:]
+    else:
+        h = x
+    pairs = list(zip(w[::2], w[1::2]))
+    for i, (kernel, bias) in enumerate(pairs):
+        h = h @ kernel + bias
+        if i < len(pairs) - 1:
+            h = tf.tanh(h)
+    return h
+
+
+def _reference_step(arch, weights, keeps, trained, optimizer):
+    mse = keras.losses.MeanSquaredError()
+
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = mse(y, seed002_forward(arch, weights, keeps, x))
+        optimizer.apply_gradients(zip(tape.gradient(loss, trained), trained))
         return loss
     return train_step
 
@@ -147,7 +176,7 @@ def test_property_s1_frozen_entries_unchanged(scenario):
     variables = model.trainable_variables
     assert [tuple(v.shape) for v in variables] == variable_shapes(arch)
     data = data_for(arch)
-    step = _step(model, S1_OPTIMIZERS[opt_name](), variables, None)
+    step = _step(model, S1_OPTIMIZERS[opt_name](), variables)
     step(*data[0])  # optimizer state built up before freezing
     rules = rules_for(variables, plan)
     if not rules:
@@ -171,20 +200,19 @@ def test_property_s2_rest_trains_as_if_frozen_were_constant(scenario):
     variables = model.trainable_variables
     rules = rules_for(variables, plan)
     data = data_for(arch)
-    rw = gf.rewrite(_step(model, S2_OPTIMIZERS[opt_name](), variables, None), rules, *data[0])
-    ref_vars, keeps = [], []
-    for v, p in zip(reference.trainable_variables, plan):
-        if p is not None and p[1].all():
-            continue  # whole variables: out of the optimizer, as Keras trainable=False does
-        ref_vars.append(v)
-        keeps.append(None if p is None else tf.constant((~p[1]).astype("float32")))
-    if not ref_vars:  # everything frozen: Keras cannot apply an empty update; nothing may move
+    rw = gf.rewrite(_step(model, S2_OPTIMIZERS[opt_name](), variables), rules, *data[0])
+    weights = reference.trainable_variables
+    keeps = [None if p is None or p[1].all() else tf.constant((~p[1]).astype("float32"))
+             for p in plan]
+    # whole variables: out of the optimizer, as Keras trainable=False does
+    trained = [v for v, p in zip(weights, plan) if p is None or not p[1].all()]
+    if not trained:  # everything frozen: Keras cannot apply an empty update; nothing may move
         before = [v.numpy().copy() for v in variables]
         for x, y in data:
             rw(x, y)
         assert all(np.array_equal(v.numpy(), b) for v, b in zip(variables, before))
         return
-    ref_step = tf.function(_step(reference, S2_OPTIMIZERS[opt_name](), ref_vars, keeps))
+    ref_step = tf.function(_reference_step(arch, weights, keeps, trained, S2_OPTIMIZERS[opt_name]()))
     for x, y in data:
         rw(x, y)
         ref_step(x, y)

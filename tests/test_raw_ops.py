@@ -62,7 +62,9 @@ def test_partial_freeze_of_fused_write_is_refused_by_name():
 def test_scatter_guards(kind):
     table = tf.Variable(np.arange(1, 25, dtype="float32").reshape(6, 4), name="table")
     ids = tf.constant([0, 2, 3, 5])
-    updates = tf.constant(np.full((4, 4), 7.5, "float32"))
+    # NaN for the frozen rows 2 and 5: a guard that multiplied would write NaN there
+    updates = tf.constant(np.array([[7.5] * 4, [np.nan] * 4, [7.5] * 4, [np.inf, np.nan, -np.inf, 1.0]],
+                                   "float32"))
     op = {"update": tf.raw_ops.ResourceScatterUpdate, "max": tf.raw_ops.ResourceScatterMax,
           "min": tf.raw_ops.ResourceScatterMin, "mul": tf.raw_ops.ResourceScatterMul,
           "div": tf.raw_ops.ResourceScatterDiv, "add": tf.raw_ops.ResourceScatterAdd,
@@ -90,7 +92,7 @@ def test_scatter_guards(kind):
 def test_scatter_nd_guards(kind):
     table = tf.Variable(np.arange(12, dtype="float32").reshape(3, 4), name="grid")
     indices = tf.constant([[0, 1], [1, 1], [2, 3]])
-    updates = tf.constant([10.0, 20.0, 30.0])
+    updates = tf.constant([10.0, np.nan, 30.0])  # NaN for the frozen entry [1, 1]
     op = tf.raw_ops.ResourceScatterNdUpdate if kind == "update" else tf.raw_ops.ResourceScatterNdAdd
 
     def write(u):
