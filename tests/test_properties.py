@@ -15,9 +15,9 @@ import numpy as np
 import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from references import entry_stop_gradients
 
 import graphfreeze as gf
-from references import entry_stop_gradients
 
 S2_OPTIMIZERS = {
     "SGD": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
