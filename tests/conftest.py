@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Every rewrite in the suite runs the IR verifier after each pass (graphfreeze.passes.lint),
+# Every rewrite in the suite runs the IR verifier after each pass (graphfreeze.passes.verify),
 # subprocesses (tests/mwms_worker.py) included.
 os.environ.setdefault("GRAPHFREEZE_VERIFY", "1")
 

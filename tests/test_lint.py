@@ -1,4 +1,4 @@
-"""The IR verifier (graphfreeze.passes.lint) that the suite runs after every pass: each
+"""The IR verifier (graphfreeze.passes.verify) that the suite runs after every pass: each
 check fires on a program broken the way a buggy pass would break it, naming the pass."""
 
 from __future__ import annotations
@@ -36,14 +36,19 @@ def test_clean_rewrite_passes_lint():
     passes.lint(rw.program, rw.plan, after="test", markers_stripped=True)
 
 
+def _cut_first_matmul_input(ir):
+    """Remove the edge into input 0 of the first MatMul; returns the MatMul's name."""
+    node = next(n for n, op in ir.graph.nodes(data="op") if op == "MatMul")
+    src, _, key, _ = next(e for e in ir.graph.in_edges(node, keys=True, data=True)
+                          if not e[3]["control"] and e[3]["dst_input"] == 0)
+    ir.graph.remove_edge(src, node, key)
+    return node
+
+
 def test_dangling_input_names_the_pass(monkeypatch):
     def dangling(program, plan):
-        ir = program.main
-        node = next(n for n, op in ir.graph.nodes(data="op") if op == "MatMul")
-        src, _, key, _ = next(e for e in ir.graph.in_edges(node, keys=True, data=True)
-                              if not e[3]["control"] and e[3]["dst_input"] == 0)
-        ir.graph.remove_edge(src, node, key)
-        ir.graph.add_edge("nowhere", node, 0, src_output=0, dst_input=0, control=False)
+        node = _cut_first_matmul_input(program.main)
+        program.main.graph.add_edge("nowhere", node, 0, src_output=0, dst_input=0, control=False)
         return program
     with pytest.raises(LintError, match=r"after pass 'dangling': dangling input.*'nowhere'"):
         _rewrite_with(monkeypatch, dangling)
@@ -61,10 +66,7 @@ def test_renamed_nodedef(monkeypatch):
 
 def test_gap_in_inputs(monkeypatch):
     def gap(program, plan):
-        node = next(n for n, op in program.main.graph.nodes(data="op") if op == "MatMul")
-        src, _, key, _ = next(e for e in program.main.graph.in_edges(node, keys=True, data=True)
-                              if not e[3]["control"] and e[3]["dst_input"] == 0)
-        program.main.graph.remove_edge(src, node, key)
+        _cut_first_matmul_input(program.main)
         return program
     with pytest.raises(LintError, match=r"after pass 'gap'.*numbered \[1\]"):
         _rewrite_with(monkeypatch, gap)

@@ -467,3 +467,26 @@ def test_large_random_mask_rewrites_and_runs():
     mask = frozen[touched]
     assert np.array_equal(after[mask], before[mask])
     assert (after[~mask] != before[~mask]).mean() > 0.99
+
+
+def test_packed_masks_compile_with_xla(pack_small_masks):
+    """The unpacking ops are in INSERTED_OPS (GPU and XLA kernels) and compile to HLO."""
+    from graphfreeze.passes.build import INSERTED_OPS
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(20, 8, name="emb"),
+                              keras.layers.Flatten(), keras.layers.Dense(16, name="out")])
+    rng = np.random.default_rng(6)
+    args = (rng.integers(0, 20, (8, 5)).astype("int32"), rng.normal(size=(8, 16)).astype("float32"))
+    rules = [gf.Mask("emb/embeddings", rng.random((20, 8)) < 0.5),
+             gf.Mask("out/kernel", rng.random((40, 16)) < 0.5)]
+    step = tf.function(make_step(model, keras.optimizers.AdamW(1e-2, weight_decay=0.1)), jit_compile=True)
+    rw = gf.rewrite(step, rules, *args)
+    flat, _ = rw._capture.canonical_args(args, {})
+    assert "HloModule" in rw.function.experimental_get_compiler_ir(*flat)(stage="hlo")
+    before = [model.get_layer("emb").embeddings.numpy(), model.get_layer("out").kernel.numpy()]
+    rw(*args)
+    after = [model.get_layer("emb").embeddings.numpy(), model.get_layer("out").kernel.numpy()]
+    for rule, b, a in zip(rules, before, after):
+        assert np.array_equal(a[rule.mask], b[rule.mask]) and not np.array_equal(a, b)
+    inserted = {d["op"] for _, d in rw.graph.nodes(data=True) if d.get("inserted")}
+    assert {"BitwiseAnd", "NotEqual"} <= inserted <= INSERTED_OPS, inserted - INSERTED_OPS

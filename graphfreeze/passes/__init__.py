@@ -16,7 +16,7 @@ from .batchnorm_inference import batchnorm_inference
 from .dead_code import eliminate_dead_code
 from .fold_zeros import fold_frozen_zeros
 from .guard_writes import guard_writes
-from .lint import lint
+from .verify import lint
 from .mask_gradients import mask_gradients
 from .prune_optimizer_state import prune_optimizer_state
 from .stop_frozen_reads import stop_frozen_reads
