@@ -10,17 +10,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+from ..errors import stage
 from ..plan import Plan
 from ..program import Program
 from .batchnorm_inference import batchnorm_inference
 from .dead_code import eliminate_dead_code
 from .fold_zeros import fold_frozen_zeros
 from .guard_writes import guard_writes
-from .verify import lint
 from .mask_gradients import mask_gradients
 from .prune_optimizer_state import prune_optimizer_state
 from .stop_frozen_reads import stop_frozen_reads
 from .strip_markers import strip_markers
+from .verify import lint
 
 Pass = Callable[[Program, Plan], Program]
 
@@ -64,7 +65,8 @@ def run_pipeline(program: Program, plan: Plan, *, verify: bool | None = None) ->
     pipeline = list(TRAINING_PIPELINE if plan.training else FORWARD_PIPELINE)
     stripped = False
     for i, p in enumerate(pipeline):
-        program = p(program, plan)
+        with stage(f"pass {p.__name__!r}"):
+            program = p(program, plan)
         stripped |= p is strip_markers
         if verify:
             lint(program, plan, after=p.__name__, markers_stripped=stripped,
