@@ -99,35 +99,40 @@ def _value_flow(program: Program, dep: Dependence, placeholder: str,
     """Where the values read from a variable go, along data edges and across calls,
     stopping at gradient markers: (whether one reaches a marker, the placeholders of the
     variables written with them)."""
-    pending: list[tuple[IR, Tensor]] = [
-        (use.ir, (use.node, 0)) for use in program.resource_uses(program.main, (placeholder, 0))
-        if use.ir.op(use.node) in _VALUE_READS]
-    seen: set[tuple[int, Tensor]] = set()
+    reads = [(use.ir, (use.node, 0)) for use in program.resource_uses(program.main, (placeholder, 0))
+             if use.ir.op(use.node) in _VALUE_READS]
     reaches_gradient, feeds = False, set()
-    while pending:
-        ir, tensor = pending.pop()
-        if (id(ir), tensor) in seen:
-            continue
-        seen.add((id(ir), tensor))
-        for dst, index in ir.consumers(tensor):
-            op = ir.op(dst)
-            if (id(ir), dst) in markers:
-                reaches_gradient = True
-            elif opkinds.is_write(op):
-                feeds |= dep.write_targets(ir, dst)
-            elif op == RETVAL:
-                pending.extend(_returned(program, ir, ir.graph.nodes[dst]["index"]))
-            elif callees := program.callees(ir, dst):
-                for c in callees:
-                    if index >= c.offset:
-                        body = program.bodies[c.name]
-                        pending.append((body, (body.args[index - c.offset], 0)))
-                if op in opkinds.LOOPS:
-                    pending.append((ir, (dst, index)))
-            elif op not in opkinds.SHAPE_QUERIES:
-                n_out = max(len(ir.graph.nodes[dst]["dtypes"]), 1)
-                pending.extend((ir, (dst, k)) for k in range(n_out))
+    visited = {(id(ir), t) for ir, t in reads}
+    frontier = reads
+    while frontier:
+        following = []
+        for ir, tensor in frontier:
+            for dst, index in ir.consumers(tensor):
+                if (id(ir), dst) in markers:
+                    reaches_gradient = True
+                elif opkinds.is_write(ir.op(dst)):
+                    feeds |= dep.write_targets(ir, dst)
+                else:
+                    following.extend(_onwards(program, ir, dst, index))
+        frontier = [(g, t) for g, t in following if (id(g), t) not in visited]
+        visited.update((id(g), t) for g, t in frontier)
     return reaches_gradient, feeds
+
+
+def _onwards(program: Program, ir: IR, node: str, index: int) -> list[tuple[IR, Tensor]]:
+    """The tensors a value entering input `index` of `node` flows on to: the node's outputs,
+    a called body's argument, or what a body's output becomes at its call sites."""
+    op = ir.op(node)
+    if op == RETVAL:
+        return _returned(program, ir, ir.graph.nodes[node]["index"])
+    callees = program.callees(ir, node)
+    if callees:
+        out = [(program.bodies[c.name], (program.bodies[c.name].args[index - c.offset], 0))
+               for c in callees if index >= c.offset]
+        return out + [(ir, (node, index))] if op in opkinds.LOOPS else out
+    if op in opkinds.SHAPE_QUERIES:
+        return []
+    return [(ir, (node, k)) for k in range(max(len(ir.graph.nodes[node]["dtypes"]), 1))]
 
 
 def _returned(program: Program, body: IR, k: int) -> list[tuple[IR, Tensor]]:
