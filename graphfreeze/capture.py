@@ -1,10 +1,12 @@
 """Front end: trace a step into a concrete function and describe what it touches.
 
 The only trace-time intervention graphfreeze makes is here: while the step is traced,
-``tf.GradientTape.gradient`` is wrapped so that every gradient it returns for a variable
-passes through an Identity op (a *marker*) whose name we record together with the
-variable. Everything else is read off the finished trace. The patch is installed under a
-lock and removed in ``finally``, also when tracing fails.
+``tf.GradientTape.gradient`` and ``tf.gradients`` are wrapped so that every gradient they
+return for a variable passes through an Identity op (a *marker*) whose name we record
+together with the variable. A gradient that cannot be marked (inside a vectorized loop, or
+in a structure capture does not expect) is refused, never left unmarked. Everything else
+is read off the finished trace. The patches are installed under a lock and removed in
+``finally``, also when tracing fails.
 """
 
 from __future__ import annotations

@@ -114,8 +114,9 @@ def _value_flow(program: Program, dep: Dependence, placeholder: str,
                     feeds |= dep.write_targets(ir, dst)
                 else:
                     following.extend(_onwards(program, ir, dst, index))
-        frontier = [(g, t) for g, t in following if (id(g), t) not in visited]
-        visited.update((id(g), t) for g, t in frontier)
+        fresh = {(id(g), t): (g, t) for g, t in following if (id(g), t) not in visited}
+        visited.update(fresh)
+        frontier = list(fresh.values())
     return reaches_gradient, feeds
 
 
