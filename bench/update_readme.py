@@ -102,7 +102,21 @@ def cache(d: dict) -> str:
             "(filling the cache is done once, before, and not counted):\n\n" + "\n".join(lines))
 
 
-SECTIONS = {"core": core, "partial": partial, "corpus": corpus, "transfer": transfer,
+def fit(d: dict) -> str:
+    c = d["config"]
+    lines = ["| policy | optimizer (as Keras compiled it) | graphfreeze ms/epoch | "
+             "`trainable=False` ms/epoch | ratio |", "|---|---|---|---|---|"]
+    for r in d["policies"]:
+        t = r["seconds_per_epoch"]
+        lines.append(f"| `{r['policy']}` | {r['optimizer']} | {t['graphfreeze'] * 1e3:.0f} | "
+                     f"{t['keras trainable=False'] * 1e3:.0f} | {r['ratio']:.2f} |")
+    return (f"`model.fit` of {c['model']}, backbone frozen (`batchnorm_inference=True`), head "
+            f"trains, Adam; {c['batches_per_epoch']} batches of {c['batch']} at "
+            f"{c['image']}×{c['image']} per epoch, epochs interleaved (median of {c['rounds']}):\n\n"
+            + "\n".join(lines))
+
+
+SECTIONS = {"core": core, "fit": fit, "partial": partial, "corpus": corpus, "transfer": transfer,
             "distribute": distribute, "cache": cache}
 
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from .capture import trace
 from .emit import emit
-from .errors import RuleError
+from .errors import RuleError, stage
 from .ir import IR
 from .passes import run_pipeline
 from .passes.dependence import analyze
@@ -63,15 +63,17 @@ def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: A
     rule_list = _normalize(rules)
     capture = trace(fn, example_args, example_kwargs,
                     extra_objects=[getattr(r, "target", None) for r in rule_list])
-    with _gc_paused():
+    with _gc_paused(), stage(f"step {capture.function_name!r}"):
         program = Program(IR.from_graph_def(capture.graph_def, capture.meta))
         variables = capture.variable_by_placeholder
         sites = marker_sites(capture, program)
         refuse_unplaced_markers(capture, sites)
         dep, owners = None, {}
         if capture.training:
-            dep, owners = analyze(program, sites, variables)
-            for p in optimizer_state(program, dep, sites, variables):
+            with stage("the dependence analysis"):
+                dep, owners = analyze(program, sites, variables)
+                state = optimizer_state(program, dep, sites, variables)
+            for p in state:
                 variables[p].optimizer_state = True
         plan = Plan(capture, resolve(rule_list, capture.variables), sites, dep, owners,
                     batchnorm_inference=batchnorm_inference)
@@ -79,7 +81,8 @@ def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: A
         refuse_unmarked_writes(program, plan)
         custom = [] if plan.training else custom_gradient_nodes(program)
         rewritten = run_pipeline(program, plan)
-        emitted = emit(rewritten, capture)
+        with stage("emitting the rewritten function"):
+            emitted = emit(rewritten, capture)
         if custom:
             refuse_undifferentiable(emitted.function, custom)
         return Rewritten(capture, plan, rewritten, emitted)

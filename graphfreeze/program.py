@@ -18,10 +18,11 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2
-from tensorflow.python.framework import function_def_to_graph, importer
+from tensorflow.python.eager import context
+from tensorflow.python.framework import function_def_to_graph, importer, op_def_registry, ops
 
 from . import opkinds
-from .errors import UnsupportedGraphError
+from .errors import UnsupportedGraphError, stage
 from .ir import IR, RETVAL, Tensor, _drop_missing_colocations, graph_meta
 
 _FRESH = itertools.count()
@@ -44,11 +45,56 @@ class Use(NamedTuple):
     index: int
 
 
+def _called_functions(node_defs: Iterable[Any]) -> set[str]:
+    """Names of the library functions some node calls: through a func or list(func) attr
+    (If branches, PartitionedCall), or as its op type."""
+    names: set[str] = set()
+    for nd in node_defs:
+        if op_def_registry.get(nd.op) is None:
+            names.add(nd.op)
+        for value in nd.attr.values():
+            if value.HasField("func"):
+                names.add(value.func.name)
+            names.update(f.name for f in value.list.func)
+    names.discard("")
+    return names
+
+
+def _ambient_function_def(name: str) -> Any:
+    """`name`'s FunctionDef as TensorFlow registered it outside the step: on a graph being
+    traced around the rewrite, or in the eager context."""
+    fdef = function_def_to_graph.get_function_def(name, ops.get_default_graph())
+    if fdef is None and context.context().has_function(name):
+        fdef = context.context().get_function_def(name)
+    return fdef
+
+
+def _complete_library(main: IR) -> None:
+    """Add to the step's library every function reachable from it that TensorFlow
+    registered elsewhere (an outer function's graph, the eager context), so that loading,
+    rewriting and emitting never depend on where the trace happened."""
+    have = {f.signature.name for f in main.library.function}
+    pending = _called_functions(main.graph.nodes[n]["nodedef"] for n in main.graph)
+    for f in main.library.function:
+        pending |= _called_functions(f.node_def)
+    while pending:
+        name = pending.pop()
+        if name in have:
+            continue
+        fdef = _ambient_function_def(name)
+        if fdef is None:  # not a function after all (e.g. a custom op), or truly missing
+            continue
+        main.library.function.add().CopyFrom(fdef)
+        have.add(name)
+        pending |= _called_functions(fdef.node_def)
+
+
 class Program:
     """The traced function (`main`) plus its reachable library function bodies."""
 
     def __init__(self, main: IR):
         self.main = main
+        _complete_library(main)
         self.fdefs = {f.signature.name: f for f in main.library.function}
         self.signatures = {name: f.signature for name, f in self.fdefs.items()}
         self.bodies: dict[str, IR] = {}
@@ -106,7 +152,12 @@ class Program:
         fdef = self.fdefs.get(name)
         if fdef is None:
             raise UnsupportedGraphError(f"the traced graph calls function {name!r}, which is not "
-                                        "in its library; graphfreeze cannot follow it.")
+                                        "in its library, in an enclosing function's or in the "
+                                        "eager context; graphfreeze cannot follow it.")
+        with stage(f"function body {name!r}"):
+            return self._load_body(name, fdef)
+
+    def _load_body(self, name: str, fdef: Any) -> IR:
         # TensorFlow resolves the functions a body calls (If branches, nested calls) in the
         # ambient context: the eager context, or the graph being traced when the step is
         # rewritten from inside another tf.function (Keras's train function calling
@@ -237,7 +288,8 @@ class Program:
         library = function_pb2.FunctionDefLibrary()
         library.CopyFrom(self.main.library)
         for old, new in renamed.items():
-            library.function.append(self._to_function_def(self.bodies[old], new))
+            with stage(f"function body {old!r}"):
+                library.function.append(self._to_function_def(self.bodies[old], new))
         return self.main.to_graph_def(library=library), renamed
 
     def _renames(self) -> dict[str, str]:

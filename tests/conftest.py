@@ -86,7 +86,22 @@ def assert_close_models(a, b, atol=1e-5):
                                    err_msg=f"{va.path} differs from the reference")
 
 
+# One MirroredStrategy per process: TF 2.21 reuses collective group and instance keys
+# across strategy objects, so a second one collides with the first's collectives (plain
+# Keras fit fails the same way). Every test file that needs one shares this one.
+_MIRRORED = None
+
+
+def mirrored():
+    global _MIRRORED
+    if _MIRRORED is None:
+        _MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    return _MIRRORED
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_session():
     keras.backend.clear_session()
     yield
+    if keras.mixed_precision.global_policy().name != "float32":
+        keras.mixed_precision.set_global_policy("float32")

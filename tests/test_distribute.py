@@ -13,25 +13,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_close_models, batches, make_step, mlp
+from conftest import assert_close_models, batches, make_step, mirrored, mlp
 
 import graphfreeze as gf
 from graphfreeze.passes.build import INSERTED_OPS
 
 DATA = batches(4, (8, 6), (8, 3))
-
-
-# One MirroredStrategy per process: TF 2.21 reuses collective group and instance keys
-# across strategy objects, so a second one collides with the first's collectives (plain
-# Keras fit fails the same way).
-_MIRRORED = None
-
-
-def mirrored():
-    global _MIRRORED
-    if _MIRRORED is None:
-        _MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    return _MIRRORED
 
 
 def _strategies():

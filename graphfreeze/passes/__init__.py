@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from ..errors import stage
 from ..plan import Plan
 from ..program import Program
 from .batchnorm_inference import batchnorm_inference
@@ -46,7 +47,8 @@ FORWARD_PIPELINE: Sequence[Pass] = (
 def run_pipeline(program: Program, plan: Plan) -> Program:
     """Run the pipeline that fits the traced function; edits `program` in place."""
     for p in TRAINING_PIPELINE if plan.training else FORWARD_PIPELINE:
-        program = p(program, plan)
+        with stage(f"pass {p.__name__!r}"):
+            program = p(program, plan)
     program.refresh_read_only_inputs()
     return program
 
