@@ -18,7 +18,15 @@ from .emit import emit
 from .errors import RuleError, stage
 from .ir import IR
 from .passes import run_pipeline
-from .passes.dependence import analyze, optimizer_state
+from .passes.dependence import analyze
+from .passes.refusals import (
+    custom_gradient_nodes,
+    refuse_opaque_ops,
+    refuse_undifferentiable,
+    refuse_unmarked_writes,
+    refuse_unplaced_markers,
+)
+from .passes.state_roles import optimizer_state
 from .plan import Plan, marker_sites
 from .program import Program
 from .rewritten import Rewritten
@@ -33,7 +41,8 @@ def _normalize(rules: RuleLike | Sequence[RuleLike]) -> list[Rule]:
 
 
 def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: Any,
-            batchnorm_inference: bool = False, **example_kwargs: Any) -> Rewritten:
+            batchnorm_inference: bool = False, allow_opaque: bool = False,
+            **example_kwargs: Any) -> Rewritten:
     """Trace `fn` with the example arguments and rewrite it so `rules` hold.
 
     A function that takes gradients is rewritten as a training step; one that takes none
@@ -43,6 +52,10 @@ def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: A
     inference mode (normalising with the stored statistics), as Keras `trainable=False`
     does; by default a frozen BatchNorm keeps normalising with batch statistics and only
     stops updating them.
+
+    Ops whose effect on variables the graph cannot show (`tf.py_function`,
+    `tf.numpy_function`, a handle made from a variable's name) are refused by name;
+    `allow_opaque=True` states that they touch no frozen state, and the report lists them.
 
     >>> rw = gf.rewrite(train_step, ["hidden1/*", gf.Rows("emb/embeddings", ids)], x, y)  # doctest: +SKIP
     >>> rw(x, y)                                                                          # doctest: +SKIP
@@ -54,17 +67,24 @@ def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: A
         program = Program(IR.from_graph_def(capture.graph_def, capture.meta))
         variables = capture.variable_by_placeholder
         sites = marker_sites(capture, program)
+        refuse_unplaced_markers(capture, sites)
         dep, owners = None, {}
         if capture.training:
             with stage("the dependence analysis"):
                 dep, owners = analyze(program, sites, variables)
-            for p in optimizer_state(dep, owners, variables):
+                state = optimizer_state(program, dep, sites, variables)
+            for p in state:
                 variables[p].optimizer_state = True
         plan = Plan(capture, resolve(rule_list, capture.variables), sites, dep, owners,
                     batchnorm_inference=batchnorm_inference)
+        refuse_opaque_ops(program, plan, allow_opaque)
+        refuse_unmarked_writes(program, plan)
+        custom = [] if plan.training else custom_gradient_nodes(program)
         rewritten = run_pipeline(program, plan)
         with stage("emitting the rewritten function"):
             emitted = emit(rewritten, capture)
+        if custom:
+            refuse_undifferentiable(emitted.function, custom)
         return Rewritten(capture, plan, rewritten, emitted)
 
 
@@ -108,10 +128,12 @@ class FrozenFunction:
     >>> train_step(x, y); train_step.rewritten(x, y).report()  # doctest: +SKIP
     """
 
-    def __init__(self, fn: Callable, rules: Sequence[RuleLike], *, batchnorm_inference: bool = False):
+    def __init__(self, fn: Callable, rules: Sequence[RuleLike], *, batchnorm_inference: bool = False,
+                 allow_opaque: bool = False):
         self.python_function = fn
         self.rules = _normalize(list(rules))
         self.batchnorm_inference = batchnorm_inference
+        self.allow_opaque = allow_opaque
         self._cache: dict[Any, Rewritten] = {}
         self.latest: Rewritten | None = None   # the rewrite used most recently
         self._lock = threading.Lock()
@@ -128,7 +150,8 @@ class FrozenFunction:
                 if rw is None:
                     rw = self._cache[key] = rewrite(
                         self.python_function, self.rules, *args,
-                        batchnorm_inference=self.batchnorm_inference, **kwargs)
+                        batchnorm_inference=self.batchnorm_inference,
+                        allow_opaque=self.allow_opaque, **kwargs)
         return rw
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -141,7 +164,8 @@ class FrozenFunction:
         bound = self._bound.get(instance)
         if bound is None:
             bound = FrozenFunction(self.python_function.__get__(instance, owner), self.rules,
-                                   batchnorm_inference=self.batchnorm_inference)
+                                   batchnorm_inference=self.batchnorm_inference,
+                                   allow_opaque=self.allow_opaque)
             self._bound[instance] = bound
         return bound
 
@@ -150,10 +174,12 @@ class FrozenFunction:
         return len(self._cache)
 
 
-def freeze(*rules: RuleLike, batchnorm_inference: bool = False) -> Callable[[Callable], FrozenFunction]:
+def freeze(*rules: RuleLike, batchnorm_inference: bool = False,
+           allow_opaque: bool = False) -> Callable[[Callable], FrozenFunction]:
     """Decorator: the step runs with `rules` frozen. Rules are checked here and at first call.
 
     `batchnorm_inference=True`: frozen BatchNorm layers run in inference mode (see `rewrite`).
+    `allow_opaque=True`: let `tf.py_function` and other opaque ops through (see `rewrite`).
 
     >>> @gf.freeze("hidden1/*", gf.Columns("out/kernel", [0]))   # doctest: +SKIP
     ... @tf.function
@@ -166,6 +192,7 @@ def freeze(*rules: RuleLike, batchnorm_inference: bool = False) -> Callable[[Cal
     checked = _normalize(list(rules))
 
     def decorate(fn: Callable) -> FrozenFunction:
-        return FrozenFunction(fn, checked, batchnorm_inference=batchnorm_inference)
+        return FrozenFunction(fn, checked, batchnorm_inference=batchnorm_inference,
+                              allow_opaque=allow_opaque)
 
     return decorate

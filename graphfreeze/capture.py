@@ -1,16 +1,19 @@
 """Front end: trace a step into a concrete function and describe what it touches.
 
 The only trace-time intervention graphfreeze makes is here: while the step is traced,
-``tf.GradientTape.gradient`` is wrapped so that every gradient it returns for a variable
-passes through an Identity op (a *marker*) whose name we record together with the
-variable. Everything else is read off the finished trace. The patch is installed under a
-lock and removed in ``finally``, also when tracing fails.
+``tf.GradientTape.gradient`` and ``tf.gradients`` are wrapped so that every gradient they
+return for a variable passes through an Identity op (a *marker*) whose name we record
+together with the variable. A gradient that cannot be marked (inside a vectorized loop, or
+in a structure capture does not expect) is refused, never left unmarked. Everything else
+is read off the finished trace. The patches are installed under a lock and removed in
+``finally``, also when tracing fails.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import threading
 from collections.abc import Callable
@@ -21,8 +24,10 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import backprop
 from tensorflow.python.eager.polymorphic_function import function_type_utils
+from tensorflow.python.ops import gradients_util
+from tensorflow.python.ops.parallel_for import control_flow_ops as pfor_ops
 
-from .errors import CaptureError
+from .errors import CaptureError, FreezeError, UnsupportedGraphError
 from .ir import graph_meta
 from .variables import (
     VariableInfo,
@@ -93,20 +98,50 @@ class Capture:
 
 
 class _MarkerRecorder:
+    """Marks every gradient taken for a variable while the step is traced.
+
+    What it cannot mark (a vectorized loop, a structure or gradient type it does not
+    expect) is recorded as a refusal and raised once tracing is over: a gradient left
+    unmarked would silently escape the rules.
+    """
+
     def __init__(self) -> None:
         self.records: list[tuple[Any, Marker, Any]] = []  # (graph, marker, keras variable)
+        self.refusal: UnsupportedGraphError | None = None
+        self.vectorized = 0          # pfor loops around the code being traced
+        self.constructs: list[str] = []  # named entry points around it (tape.jacobian)
 
-    def mark(self, sources: Any, grads: Any) -> Any:
+    def refuse(self, message: str) -> None:
+        if self.refusal is None:
+            self.refusal = UnsupportedGraphError(message)
+
+    def mark(self, sources: Any, grads: Any, construct: str) -> Any:
         if tf.executing_eagerly():
             return grads
         flat_sources = tf.nest.flatten(sources)
         flat_grads = tf.nest.flatten(grads)
         if len(flat_sources) != len(flat_grads):
+            if any(resource_variable(s) is not None for s in flat_sources):
+                self.refuse(
+                    f"{construct} returned {len(flat_grads)} gradients for {len(flat_sources)} "
+                    "sources, so graphfreeze cannot tell which gradient belongs to which variable "
+                    "and would leave some unmasked; pass the variables as a flat list.")
             return grads
         marked = []
         for src, grad in zip(flat_sources, flat_grads):
             var = resource_variable(src)
             if var is None or grad is None:
+                marked.append(grad)
+                continue
+            if self.vectorized:
+                where = self.constructs[-1] if self.constructs else "tf.vectorized_map (pfor)"
+                self.refuse(
+                    f"{where} takes the gradient of variable "
+                    f"{variable_path(src)!r} inside a vectorized loop (pfor), which rewrites it "
+                    "into new ops graphfreeze cannot mark, so the gradient would escape the "
+                    "rules. Take per-row gradients with tape.jacobian(..., "
+                    "experimental_use_pfor=False) or tf.map_fn (a loop of tape.gradient calls, "
+                    "which graphfreeze marks), or take the gradient outside the vectorized loop.")
                 marked.append(grad)
                 continue
             keras_var = src if is_keras_variable(src) else None
@@ -117,43 +152,97 @@ class _MarkerRecorder:
                 marker = Marker(var, values.op.name, indices.op.name,
                                 dense.name if dense is not None else None)
                 grad = tf.IndexedSlices(values, indices, dense)
+                graph = values.graph
             elif isinstance(grad, tf.Tensor):
                 grad = tf.identity(grad, name=MARKER_NAME)
                 marker = Marker(var, grad.op.name)
+                graph = grad.graph
             else:
+                self.refuse(
+                    f"{construct} returned a {type(grad).__name__} as the gradient of variable "
+                    f"{variable_path(src)!r}; graphfreeze marks dense tensors and IndexedSlices "
+                    "only, and will not leave a gradient unmasked.")
                 marked.append(grad)
                 continue
-            self.records.append((grad.graph if isinstance(grad, tf.Tensor) else values.graph,
-                                 marker, keras_var))
+            self.records.append((graph, marker, keras_var))
             marked.append(grad)
         return tf.nest.pack_sequence_as(grads, marked)
 
 
 @contextlib.contextmanager
+def _patched(owner: Any, name: str, make: Callable[[Callable], Callable]):
+    original = getattr(owner, name)
+    setattr(owner, name, functools.wraps(original)(make(original)))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
 def _gradient_markers(recorder: _MarkerRecorder):
-    original = backprop.GradientTape.gradient
+    """Mark the gradients of every entry point that differentiates with respect to
+    variables: `GradientTape.gradient` (persistent tapes, several tapes and a loop of
+    gradients included) and `tf.gradients` (v1 and v2, through their common helper;
+    TensorFlow's own uses of that helper differentiate function bodies with respect to
+    tensors, which are left alone). A gradient taken inside `pfor` (the default
+    `tape.jacobian`, `batch_jacobian`, `tf.vectorized_map`) is refused."""
 
-    @functools.wraps(original)
-    def gradient(self, target, sources, *args, **kwargs):
-        return recorder.mark(sources, original(self, target, sources, *args, **kwargs))
+    def tape_gradient(original):
+        def gradient(self, target, sources, *args, **kwargs):
+            return recorder.mark(sources, original(self, target, sources, *args, **kwargs),
+                                 "GradientTape.gradient")
+        return gradient
 
-    with _TRACE_LOCK:
-        backprop.GradientTape.gradient = gradient
-        try:
-            yield
-        finally:
-            backprop.GradientTape.gradient = original
+    def graph_gradients(original):
+        def helper(ys, xs, *args, **kwargs):
+            return recorder.mark(xs, original(ys, xs, *args, **kwargs), "tf.gradients")
+        return helper
+
+    def labelled(construct):
+        def make(original):
+            def run(*args, **kwargs):
+                recorder.constructs.append(construct)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    recorder.constructs.pop()
+            return run
+        return make
+
+    def loop(depth):
+        def make(original):
+            def run(*args, **kwargs):  # pfor vectorizes; for_loop traces a markable body
+                saved, recorder.vectorized = recorder.vectorized, depth(recorder.vectorized)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    recorder.vectorized = saved
+            return run
+        return make
+
+    tape = backprop.GradientTape
+    with _TRACE_LOCK, contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(tape, "gradient", tape_gradient))
+        stack.enter_context(_patched(gradients_util, "_GradientsHelper", graph_gradients))
+        stack.enter_context(_patched(pfor_ops, "pfor", loop(lambda d: d + 1)))
+        stack.enter_context(_patched(pfor_ops, "for_loop", loop(lambda d: 0)))
+        stack.enter_context(_patched(tape, "jacobian", labelled("GradientTape.jacobian")))
+        stack.enter_context(_patched(tape, "batch_jacobian",
+                                     labelled("GradientTape.batch_jacobian")))
+        yield
 
 
 # --------------------------------------------------------------------------- objects
 
 
-def _keras_optimizer_class() -> type | None:
+def _keras_state_classes() -> tuple[type, ...]:
+    """Keras's optimizer and metric base classes (empty if Keras is missing)."""
     try:
         import keras
-        return keras.optimizers.Optimizer
+        return keras.optimizers.Optimizer, keras.metrics.Metric
     except Exception:  # pragma: no cover - keras is a TensorFlow dependency
-        return None
+        return ()
 
 
 def _reachable_objects(fn: Callable, depth: int = 3) -> list[Any]:
@@ -208,9 +297,9 @@ class Discovered:
 
 
 def _discover(objects: list[Any]) -> Discovered:
-    """Walk Keras models, layers, optimizers and variables reachable from `objects`."""
+    """Walk Keras models, layers, optimizers, metrics and variables reachable from `objects`."""
     found = Discovered()
-    opt_cls = _keras_optimizer_class()
+    classes = _keras_state_classes()
     pending = list(objects)
     seen: set[int] = set()
     while pending:
@@ -225,9 +314,10 @@ def _discover(objects: list[Any]) -> Discovered:
         if isinstance(obj, tf.Variable):
             found.add_variable(obj)
             continue
-        if opt_cls is not None and isinstance(obj, opt_cls):
+        if classes and isinstance(obj, classes):
+            ids = found.optimizer_ids if isinstance(obj, classes[0]) else found.metric_ids
             for v in obj.variables:
-                found.optimizer_ids.add(id(resource_variable(v)))
+                ids.add(id(resource_variable(v)))
                 pending.append(v)
             continue
         variables = module_variables(obj)
@@ -239,6 +329,47 @@ def _discover(objects: list[Any]) -> Discovered:
             optimizer = getattr(obj, "optimizer", None)
             if optimizer is not None:
                 pending.append(optimizer)
+    return found
+
+
+def _live_keras_state(unexplained: set[int]) -> list[Any]:
+    """Every Keras optimizer and metric alive in the process, and the Keras variables
+    wrapping the `unexplained` tf.Variables (by id).
+
+    A step may keep its optimizers in a dict, a list or a trainer object that no closure
+    names; what a variable is must not depend on where its owner lives. A variable does
+    not know its owner, so the owners are found among the live objects (one pass of the
+    garbage collector's list, only when the step's own references leave a captured
+    variable unexplained)."""
+    try:
+        import keras
+        variable_cls = keras.Variable
+    except Exception:  # pragma: no cover - keras is a TensorFlow dependency
+        return []
+    wanted = (*_keras_state_classes(), variable_cls)
+    out = []
+    for obj in gc.get_objects():
+        if not isinstance(obj, wanted):
+            continue
+        if not isinstance(obj, variable_cls):
+            out.append(obj)
+            continue
+        value = getattr(obj, "_value", None)
+        parts = getattr(value, "values", None) if isinstance(
+            value, tf.distribute.DistributedValues) else ()
+        if id(value) in unexplained or any(id(p) in unexplained for p in parts or ()):
+            out.append(obj)
+    return out
+
+
+def _discover_captured(objects: list[Any], graph: Any) -> Discovered:
+    """What is known about the variables `graph` captured: from the objects the step
+    refers to, and from the live Keras objects when those leave one unexplained."""
+    found = _discover(objects)
+    known = {id(v) for v in found.variables}
+    unexplained = {id(v) for v in graph.variables if id(v) not in known}
+    if unexplained:
+        found = _discover(objects + _live_keras_state(unexplained))
     return found
 
 
@@ -267,11 +398,18 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
         try:
             cf = traced.get_concrete_function(*args, **kwargs)
         except Exception as e:  # the user's code failed: say so, with the original attached
+            if recorder.refusal is not None:
+                raise recorder.refusal from e
+            if isinstance(e, FreezeError):
+                raise
             raise CaptureError(f"tracing {name} failed with {type(e).__name__}: {e}") from e
+    if recorder.refusal is not None:
+        raise recorder.refusal
     graph = cf.graph
 
-    found = _discover(
-        list(extra_objects) + _reachable_objects(py_fn) + [k for _, _, k in recorder.records])
+    found = _discover_captured(
+        list(extra_objects) + _reachable_objects(py_fn) + [k for _, _, k in recorder.records],
+        graph)
     tf_vars = {id(v.handle): v for v in found.variables if not
                isinstance(v, tf.distribute.DistributedValues)}
     tf_vars.update({id(v.handle): v for v in graph.variables})
@@ -299,10 +437,11 @@ def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()
     for g, m, _ in recorder.records:
         if g is graph:
             markers.append(m)
-        elif _is_nested(g, graph):  # tape.gradient inside a body (e.g. a loop over steps)
-            m.functions = frozenset(names.get(id(g), ()))
+        elif _is_nested(g, graph) and names.get(id(g)):  # a body, e.g. a loop over steps
+            m.functions = frozenset(names[id(g)])
             markers.append(m)
-        # else: a discarded trace (tf.function retraces after creating variables)
+        # else: a discarded trace (tf.function retraces after creating variables), also of
+        # a nested tf.function: no library function was built from its graph
 
     deferred = {t.op.name: (_single_tensor(closure), tf.TensorSpec(t.shape, t.dtype)) for t, closure in
                 zip(graph.deferred_internal_captures, graph.deferred_external_captures)}

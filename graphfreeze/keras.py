@@ -62,10 +62,11 @@ def _step_cell(function: Any) -> Any:
 class _Routing:
     """Per-model state: the rules, and Keras's own make_train_function to build with."""
 
-    def __init__(self, model: Any, rules: list, batchnorm_inference: bool):
+    def __init__(self, model: Any, rules: list, batchnorm_inference: bool, allow_opaque: bool):
         self.model = model
         self.rules = rules
         self.batchnorm_inference = batchnorm_inference
+        self.allow_opaque = allow_opaque
         self.step: FrozenFunction | None = None
 
     def make_train_function(self, force: bool = False) -> Any:
@@ -83,7 +84,8 @@ class _Routing:
         inner = cell.cell_contents
         if isinstance(inner, FrozenFunction):
             inner = inner.python_function
-        self.step = FrozenFunction(inner, self.rules, batchnorm_inference=self.batchnorm_inference)
+        self.step = FrozenFunction(inner, self.rules, batchnorm_inference=self.batchnorm_inference,
+                                   allow_opaque=self.allow_opaque)
         cell.cell_contents = self.step
         return model.train_function
 
@@ -99,12 +101,14 @@ def _routing(model: Any) -> _Routing | None:
     return owner if isinstance(owner, _Routing) else None
 
 
-def freeze(model: Any, *rules: RuleLike, batchnorm_inference: bool = False) -> Any:
+def freeze(model: Any, *rules: RuleLike, batchnorm_inference: bool = False,
+           allow_opaque: bool = False) -> Any:
     """Make `fit` and `train_on_batch` honour `rules`; returns the same model.
 
     Rules are resolved against the model's variables now, so a rule that matches nothing
     raises `RuleError` here rather than at the first batch. Calling it again replaces the
-    rules (effective at the next `fit`, no recompiling).
+    rules (effective at the next `fit`, no recompiling). `batchnorm_inference` and
+    `allow_opaque` mean what they mean for `gf.rewrite`.
 
     >>> model = gf.keras.freeze(model, "encoder/*", gf.Rows("embedding/embeddings", ids))  # doctest: +SKIP
     """
@@ -114,7 +118,7 @@ def freeze(model: Any, *rules: RuleLike, batchnorm_inference: bool = False) -> A
         raise RuleError("gf.keras.freeze needs at least one rule; use gf.keras.unfreeze(model) "
                         "to train everything.")
     plan(model, *checked)  # resolve against the model's variables: errors surface now
-    routing = _Routing(model, checked, batchnorm_inference)
+    routing = _Routing(model, checked, batchnorm_inference, allow_opaque)
     # Bypass Keras's attribute tracking: this is routing, not model state, and must never
     # reach a saved config.
     object.__setattr__(model, "make_train_function", routing.make_train_function)

@@ -23,6 +23,7 @@ class Notes:
     guarded_writes: list[str] = field(default_factory=list)     # write nodes masked
     pruned_state: dict[str, list[str]] = field(default_factory=dict)  # slot path -> owners
     dead_nodes: int = 0
+    opaque_ops: list[str] = field(default_factory=list)  # allowed with allow_opaque=True
 
 
 MarkerSite = tuple[Any, Marker, VariableInfo]  # (the IR holding it, marker, its variable)

@@ -53,6 +53,7 @@ class Report:
     ops_after: int | None
     trainable_total: int
     flops: dict[str, int] = field(default_factory=dict)  # removed_backward, removed_optimizer, added
+    opaque_ops: list[str] = field(default_factory=list)  # let through by allow_opaque=True
 
     @property
     def frozen(self) -> dict[str, int]:
@@ -80,6 +81,7 @@ class Report:
             "function": self.function, "mode": self.mode,
             "variables": list(self.records()),
             "pruned_state": self.pruned_state,
+            "opaque_ops": self.opaque_ops,
             "totals": {"parameters_frozen": self.parameters_frozen,
                        "trainable_parameters": self.trainable_total,
                        "ops_before": self.ops_before, "ops_after": self.ops_after,
@@ -106,6 +108,8 @@ class Report:
             names = sorted(self.pruned_state)
             out.append(f"optimizer state pruned: {len(names)} variables ({', '.join(names[:4])}"
                        f"{', ...' if len(names) > 4 else ''})")
+        if self.opaque_ops:
+            out.append(f"opaque ops allowed (allow_opaque=True): {'; '.join(self.opaque_ops)}")
         return out
 
     def __str__(self) -> str:
@@ -157,4 +161,4 @@ def build_report(plan: Plan, ops_before: int | None, ops_after: int | None,
     return Report(plan.capture.function_name, "training step" if plan.training else "forward function",
                   variable_rows(plan.freezes, plan.notes.pruned_state), dict(plan.notes.pruned_state),
                   ops_before, ops_after, trainable_parameters(plan.capture.variables, plan.freezes),
-                  flops or {})
+                  flops or {}, opaque_ops=list(plan.notes.opaque_ops))
