@@ -28,12 +28,13 @@ from .render import RenderError
 from .report import Report
 from .rewritten import Rewritten
 from .rules import Columns, Freeze, Mask, Rows, Rule, Unfreeze
+from .trainable_io import load_trainable, save_trainable
 from .transfer import MatchReport, TransferError, Transferred, match_layers, transfer, transfer_report
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "freeze", "rewrite", "plan", "keras",
+    "freeze", "rewrite", "plan", "keras", "save_trainable", "load_trainable",
     "cache_frozen_prefix", "FrozenPrefixCache", "CacheError", "transfer", "transfer_report", "match_layers",
     "MatchReport", "Transferred", "TransferError", "FrozenFunction", "Rewritten", "Report", "Diff",
     "Rule", "Freeze", "Rows", "Columns", "Mask", "Unfreeze",
