@@ -22,14 +22,19 @@ or after, and changing them needs no recompilation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from . import keras_legacy
 from .api import FrozenFunction
 from .dryrun import plan
 from .errors import RuleError, UnsupportedGraphError
 from .rewritten import Rewritten
 from .rules import RuleLike, as_rule
+from .unfreezing import GradualUnfreezing
 from .variables import is_keras_model
+
+__all__ = ["freeze", "unfreeze", "rules", "rewritten", "frozen_step", "GradualUnfreezing"]
 
 _STEP_FUNCTION = "one_step_on_data"  # the per-step function Keras's train function calls
 
@@ -72,25 +77,32 @@ class _Routing:
         model = self.model
         if model.train_function is not None and not force:
             return model.train_function
-        type(model).make_train_function(model, force=True)  # Keras builds it as usual
-        cell = _step_cell(model.train_function)
-        if cell is None:
-            model.train_function = None
-            raise UnsupportedGraphError(
-                f"cannot find the per-step function ({_STEP_FUNCTION}) in the train function "
-                f"this Keras version ({_keras_version()}) builds; gf.keras supports the Keras 3 "
-                "TensorFlow trainer. Use @gf.freeze on a custom training step instead.")
-        inner = cell.cell_contents
-        if isinstance(inner, FrozenFunction):
-            inner = inner.python_function
-        self.step = FrozenFunction(inner, self.rules, batchnorm_inference=self.batchnorm_inference)
-        cell.cell_contents = self.step
+        self.step = route_train_function(
+            model, lambda inner: FrozenFunction(inner, self.rules,
+                                                batchnorm_inference=self.batchnorm_inference))
         return model.train_function
 
 
-def _keras_version() -> str:
-    import keras
-    return getattr(keras, "__version__", "unknown")
+def route_train_function(model: Any, make_step: Callable[[Callable], FrozenFunction]) -> FrozenFunction:
+    """Have Keras build `model.train_function` exactly as usual, then swap the per-step
+    function inside it for `make_step(per_step_function)`; returns that FrozenFunction."""
+    if keras_legacy.is_tf_keras_model(model):
+        return keras_legacy.route(model, make_step)
+    type(model).make_train_function(model, force=True)  # Keras builds it as usual
+    cell = _step_cell(model.train_function)
+    if cell is None:
+        model.train_function = None
+        raise UnsupportedGraphError(
+            f"cannot find the per-step function ({_STEP_FUNCTION}) in the train function "
+            f"{keras_legacy.keras_package(model)} builds for {type(model).__name__}; gf.keras "
+            "supports the Keras 3 TensorFlow trainer and tf_keras. Use @gf.freeze on a custom "
+            "training step instead.")
+    inner = cell.cell_contents
+    if isinstance(inner, FrozenFunction):
+        inner = inner.python_function
+    step = make_step(inner)
+    cell.cell_contents = step
+    return step
 
 
 def _routing(model: Any) -> _Routing | None:
