@@ -9,16 +9,22 @@ See README.md for the rules, the semantics (S1-S6) and the inspection tools.
 
 from __future__ import annotations
 
-try:
-    import tensorflow as _tf  # noqa: F401
-except ImportError as _e:  # pragma: no cover - exercised only without TensorFlow
-    raise ImportError(
-        "graphfreeze needs TensorFlow 2, which is an optional extra so you can choose the "
-        "build: pip install 'graphfreeze[cpu]' (tensorflow-cpu) or 'graphfreeze[gpu]' "
-        "(tensorflow[and-cuda])."
-    ) from _e
+from .quiet import native_stderr_silenced as _silenced
+from .quiet import quiet_command_starting as _quiet_command_starting
 
-from . import keras  # noqa: E402  (gf.keras.freeze / unfreeze / rewritten)
+# The `graphfreeze` command keeps TensorFlow's native start-up logs off the terminal
+# (graphfreeze/quiet.py); imported as a library, nothing is silenced.
+with _silenced(_quiet_command_starting()):
+    try:
+        import tensorflow as _tf  # noqa: F401
+    except ImportError as _e:  # pragma: no cover - exercised only without TensorFlow
+        raise ImportError(
+            "graphfreeze needs TensorFlow 2, which is an optional extra so you can choose the "
+            "build: pip install 'graphfreeze[cpu]' (tensorflow-cpu) or 'graphfreeze[gpu]' "
+            "(tensorflow[and-cuda])."
+        ) from _e
+    from . import keras  # noqa: E402  (gf.keras.freeze / unfreeze / rewritten)
+
 from .api import FrozenFunction, freeze, rewrite
 from .cache import CacheError, FrozenPrefixCache, cache_frozen_prefix
 from .diff import Diff
