@@ -68,35 +68,24 @@ class _RoutedStep:
         return self.frozen(next(iterator))
 
 
-def _find_step_cell(function: Any) -> Any:
-    pending, seen = [function], set()
-    while pending:
-        fn = pending.pop()
-        fn = getattr(fn, "python_function", fn)
-        if id(fn) in seen or getattr(fn, "__closure__", None) is None:
-            continue
-        seen.add(id(fn))
-        for cell in fn.__closure__:
-            value = cell.cell_contents
-            if isinstance(value, _RoutedStep) or getattr(value, "__name__", "") == _LEGACY_STEP:
-                return cell
-            if callable(value):
-                pending.append(value)
-    return None
+def _is_step_function(value: Any) -> bool:
+    return isinstance(value, _RoutedStep) or getattr(value, "__name__", "") == _LEGACY_STEP
 
 
 def route(model: Any, make_step: Callable[[Callable], Any]) -> Any:
     """Build the model's train function as tf_keras does, then route its per-step work
     through `make_step(one_step_on_data)` (a FrozenFunction). Returns that step."""
+    from .keras import closure_cell  # keras.py imports this module
+
     function = type(model).make_train_function(model, force=True)
-    cell = _find_step_cell(function)
+    cell = closure_cell(function, _is_step_function)
     if cell is None:
         model.train_function = None
         raise UnsupportedGraphError(
             f"cannot find the per-step function ({_LEGACY_STEP}) in the train function "
             f"{keras_package(model)} builds for {type(model).__name__} {model.name!r}; "
-            "gf.keras supports tf_keras 2.16-2.21 and Keras 3. Use @gf.freeze on a custom "
-            "training step instead.")
+            "gf.keras supports the train functions of Keras 3 and tf_keras (tested: 2.21). Use "
+            "@gf.freeze on a custom training step instead.")
     keras_step = cell.cell_contents
     if isinstance(keras_step, _RoutedStep):
         keras_step = keras_step.keras_step
