@@ -10,4 +10,6 @@ SCENARIOS = [
     "seed004_keep_output_constant",
     "keras_fit_transfer",
     "conv_backbone_cache",
+    "gradual_unfreezing_fit",
+    "trainable_tokens_io",
 ]

@@ -1,11 +1,14 @@
 """The `graphfreeze` command line.
 
-    graphfreeze demo [SCENARIO ...] [--list]
+    graphfreeze demo [SCENARIO ...] [--list] [--verbose]
         run the seed scenarios, printing their freeze reports (the README's main job)
 
     graphfreeze inspect SCRIPT [--fn NAME] [--rule R ...] [--html OUT] [--dot OUT] [--json OUT]
-                        [--tensorboard DIR] [--batchnorm-inference]
+                        [--tensorboard DIR] [--batchnorm-inference] [--verbose]
         trace and rewrite a step defined in SCRIPT, print the report and the diff
+
+TensorFlow's native start-up logs (oneDNN, CPU features, CUDA probing, absl's notice) are
+kept off the terminal unless --verbose is given (see graphfreeze/quiet.py).
 
 The SCRIPT convention: a Python file that defines, at module level, the step (a function or
 tf.function; `train_step` unless --fn says otherwise) and `example_args`, a tuple of
@@ -29,7 +32,7 @@ import runpy
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from .quiet import native_stderr_silenced
 
 
 class CliError(Exception):
@@ -193,8 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphfreeze",
         description="Train only part of a TensorFlow 2 model by rewriting its traced graph.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show TensorFlow's native logs (kept off the terminal by default)")
+    # Also accepted after the command (graphfreeze demo --verbose); SUPPRESS keeps a flag
+    # given before the command from being reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show TensorFlow's native logs (kept off the terminal by default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run the seed scenarios and print their freeze reports",
+    demo = sub.add_parser("demo", parents=[common],
+                          help="run the seed scenarios and print their freeze reports",
                           description="Run the seed scenarios (examples/), each printing its "
                                       "freeze report and checking its own claim.")
     demo.add_argument("scenarios", nargs="*", help="scenario names (default: all)")
@@ -202,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     inspect = sub.add_parser(
-        "inspect", help="rewrite a step defined in a script and show what changed",
+        "inspect", parents=[common], help="rewrite a step defined in a script and show what changed",
         description="Trace and rewrite the step a script defines; print the freeze report and "
                     "the diff, optionally writing HTML, DOT, JSON and TensorBoard views.",
         epilog="The script defines the step (train_step, or --fn NAME) and example_args (a tuple, "
@@ -230,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.run(args)
+        with native_stderr_silenced(not args.verbose):
+            return args.run(args)
     except CliError as e:
         print(f"graphfreeze: error: {e}", file=sys.stderr)
         return 2

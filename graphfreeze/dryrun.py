@@ -33,12 +33,9 @@ def _variables_of(target: Any) -> list[Any]:
                     f"{type(target).__name__}.")
 
 
-def plan(model_or_variables: Any, *rules: RuleLike) -> Report:
-    """Check rules against a model in a second: the same per-variable table as a rewrite's
-    report, without tracing a step (so no op counts, and no optimizer state to prune).
-
-    >>> print(gf.plan(model, "hidden1/*", gf.Rows("emb/embeddings", ids)))   # doctest: +SKIP
-    """
+def variable_infos(model_or_variables: Any) -> list[VariableInfo]:
+    """The variables of a model, layer, tf.Module or list of variables, described as a
+    trace would describe them (each once), without tracing anything."""
     metrics = {id(resource_variable(v)) for v in metric_variables(model_or_variables)}
     seen, infos = set(), []
     for v in _variables_of(model_or_variables):
@@ -50,6 +47,16 @@ def plan(model_or_variables: Any, *rules: RuleLike) -> Report:
             path=variable_path(v), shape=tuple(var.shape.as_list()), dtype=var.dtype, variable=var,
             keras_variable=v if is_keras_variable(v) else None, placeholder="",
             trainable=bool(getattr(v, "trainable", var.trainable)), metric_state=id(var) in metrics))
+    return infos
+
+
+def plan(model_or_variables: Any, *rules: RuleLike) -> Report:
+    """Check rules against a model in a second: the same per-variable table as a rewrite's
+    report, without tracing a step (so no op counts, and no optimizer state to prune).
+
+    >>> print(gf.plan(model, "hidden1/*", gf.Rows("emb/embeddings", ids)))   # doctest: +SKIP
+    """
+    infos = variable_infos(model_or_variables)
     freezes = resolve([as_rule(r) for r in rules], infos)
     name = getattr(model_or_variables, "name", None) or type(model_or_variables).__name__
     return Report(str(name), "plan, nothing traced", variable_rows(freezes, {}), {}, None, None,

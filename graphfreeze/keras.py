@@ -9,6 +9,10 @@ passes as `gf.freeze`, once per input signature, so every replica and collective
 distributed step is in one trace (rewriting `train_step` alone would nest a tf.function
 inside `strategy.run`, where tf.distribute cannot synchronise replicas).
 
+tf_keras (Keras 2) models are routed the same way through their own train function
+(graphfreeze/keras_legacy.py). `GradualUnfreezing` (graphfreeze/unfreezing.py) changes the
+rules at epoch boundaries within one `fit`.
+
 Nothing about the model's layers, variables or `trainable` flags changes, so saved files
 are ordinary Keras files, and there is no "recompile for trainable=False to take effect"
 trap: rules apply from the next `fit` or `train_on_batch`, whether `compile` came before
@@ -18,18 +22,25 @@ or after, and changing them needs no recompilation.
     >>> model.fit(dataset, epochs=3)                                     # doctest: +SKIP
     >>> print(gf.keras.rewritten(model).report())                        # doctest: +SKIP
     >>> gf.keras.unfreeze(model)                                         # doctest: +SKIP
+    >>> schedule = gf.keras.GradualUnfreezing.top_down(model, 3)          # doctest: +SKIP
+    >>> model.fit(dataset, epochs=6, callbacks=[schedule])               # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from . import keras_legacy
 from .api import FrozenFunction
 from .dryrun import plan
 from .errors import RuleError, UnsupportedGraphError
 from .rewritten import Rewritten
 from .rules import RuleLike, as_rule
+from .unfreezing import GradualUnfreezing
 from .variables import is_keras_model
+
+__all__ = ["freeze", "unfreeze", "rules", "rewritten", "frozen_step", "GradualUnfreezing"]
 
 _STEP_FUNCTION = "one_step_on_data"  # the per-step function Keras's train function calls
 
@@ -40,23 +51,33 @@ def _check_model(model: Any) -> None:
                         "for a custom training step use @gf.freeze on the step.")
 
 
-def _step_cell(function: Any) -> Any:
-    """The closure cell, somewhere inside Keras's train function, holding its per-step
-    function (a tf.function, or a plain function when run_eagerly=True)."""
+def closure_cell(function: Any, wanted: Callable[[Any], bool]) -> Any:
+    """The first closure cell, in `function` or in the functions its closure holds (a
+    tf.function's Python body included), whose value `wanted` accepts; None if none does."""
     pending, seen = [function], set()
     while pending:
         fn = pending.pop()
-        if id(fn) in seen or not hasattr(fn, "__closure__") or fn.__closure__ is None:
+        fn = getattr(fn, "python_function", fn)
+        if id(fn) in seen or getattr(fn, "__closure__", None) is None:
             continue
         seen.add(id(fn))
         for cell in fn.__closure__:
-            value = cell.cell_contents
-            body = getattr(value, "python_function", value)
-            if getattr(body, "__name__", "") == _STEP_FUNCTION or isinstance(value, FrozenFunction):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # a variable not yet bound
+                continue
+            if wanted(value):
                 return cell
-            if callable(value) and hasattr(value, "__closure__"):
+            if callable(value):
                 pending.append(value)
     return None
+
+
+def _is_step_function(value: Any) -> bool:
+    """Keras's per-step function (a tf.function, or a plain function when run_eagerly=True),
+    or the FrozenFunction that replaced it."""
+    body = getattr(value, "python_function", value)
+    return getattr(body, "__name__", "") == _STEP_FUNCTION or isinstance(value, FrozenFunction)
 
 
 class _Routing:
@@ -73,26 +94,33 @@ class _Routing:
         model = self.model
         if model.train_function is not None and not force:
             return model.train_function
-        type(model).make_train_function(model, force=True)  # Keras builds it as usual
-        cell = _step_cell(model.train_function)
-        if cell is None:
-            model.train_function = None
-            raise UnsupportedGraphError(
-                f"cannot find the per-step function ({_STEP_FUNCTION}) in the train function "
-                f"this Keras version ({_keras_version()}) builds; gf.keras supports the Keras 3 "
-                "TensorFlow trainer. Use @gf.freeze on a custom training step instead.")
-        inner = cell.cell_contents
-        if isinstance(inner, FrozenFunction):
-            inner = inner.python_function
-        self.step = FrozenFunction(inner, self.rules, batchnorm_inference=self.batchnorm_inference,
-                                   allow_opaque=self.allow_opaque)
-        cell.cell_contents = self.step
+        self.step = route_train_function(
+            model, lambda inner: FrozenFunction(inner, self.rules,
+                                                batchnorm_inference=self.batchnorm_inference,
+                                                allow_opaque=self.allow_opaque))
         return model.train_function
 
 
-def _keras_version() -> str:
-    import keras
-    return getattr(keras, "__version__", "unknown")
+def route_train_function(model: Any, make_step: Callable[[Callable], FrozenFunction]) -> FrozenFunction:
+    """Have Keras build `model.train_function` exactly as usual, then swap the per-step
+    function inside it for `make_step(per_step_function)`; returns that FrozenFunction."""
+    if keras_legacy.is_tf_keras_model(model):
+        return keras_legacy.route(model, make_step)
+    type(model).make_train_function(model, force=True)  # Keras builds it as usual
+    cell = closure_cell(model.train_function, _is_step_function)
+    if cell is None:
+        model.train_function = None
+        raise UnsupportedGraphError(
+            f"cannot find the per-step function ({_STEP_FUNCTION}) in the train function "
+            f"{keras_legacy.keras_package(model)} builds for {type(model).__name__}; gf.keras "
+            "supports the Keras 3 TensorFlow trainer and tf_keras. Use @gf.freeze on a custom "
+            "training step instead.")
+    inner = cell.cell_contents
+    if isinstance(inner, FrozenFunction):
+        inner = inner.python_function
+    step = make_step(inner)
+    cell.cell_contents = step
+    return step
 
 
 def _routing(model: Any) -> _Routing | None:
