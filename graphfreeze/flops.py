@@ -96,15 +96,3 @@ def op_flops(graph: nx.MultiDiGraph, node: str, traced: Mapping[str, list] | Non
     if op in REDUCTIONS:
         return _size(ins[0]) if ins else None
     return out
-
-
-def flops_of(graph: nx.MultiDiGraph, nodes, traced: Mapping[str, list] | None = None) -> tuple[int, int]:
-    """(total estimated FLOPs, number of ops whose FLOPs are unknown)."""
-    total, unknown = 0, 0
-    for n in nodes:
-        f = op_flops(graph, n, traced)
-        if f is None:
-            unknown += 1
-        else:
-            total += f
-    return total, unknown

@@ -225,4 +225,9 @@ class Rewritten:
     def __repr__(self) -> str:
         return (f"<Rewritten {self._capture.function_name} ({'training' if self.training else 'forward'}"
                 f" mode): {len(self.plan.freezes)} variables frozen, "
-                f"{self.original_graph.number_of_nodes()} -> {self.graph.number_of_nodes()} ops>")
+                f"{self._ops(original=True):,} -> {self._ops(original=False):,} ops>")
+
+    def _ops(self, original: bool) -> int:
+        """Ops over the step and its bodies (as in the report, without estimating FLOPs)."""
+        return sum(len(b.ops(b.original_graph if original else b.rewritten_graph))
+                   for b in self._program_bodies())
