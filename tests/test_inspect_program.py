@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import make_step
 
 import graphfreeze as gf
 from graphfreeze.capture import MARKER_NAME
@@ -215,22 +216,11 @@ def test_bodies_by_name_before_and_after(fit_mlp):
                                                             "StatefulPartitionedCall"}
 
 
-def test_fit_and_custom_step_agree():
+def test_fit_and_custom_step_agree(fit_mlp):
     """The same model, rules and optimizer through gf.freeze on a custom step: the removed
     work is the same; only the ops of Keras's wrapper (metrics, placeholders) differ."""
-    model, rw = fitted()
-    twin = mlp()
-    optimizer = keras.optimizers.Adam(1e-2)
-    loss_fn = keras.losses.MeanSquaredError()
-
-    @gf.freeze("a/*", "b/*")
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, twin(x, training=True))
-        grads = tape.gradient(loss, twin.trainable_variables)
-        optimizer.apply_gradients(zip(grads, twin.trainable_variables))
-        return loss
-
+    _, rw = fit_mlp
+    train_step = gf.freeze("a/*", "b/*")(make_step(mlp(), keras.optimizers.Adam(1e-2)))
     x, y = DATA[0][:BATCH], DATA[1][:BATCH]
     train_step(x, y)
     custom = train_step.rewritten(x, y)
