@@ -127,7 +127,12 @@ class Rewritten:
         """The traced program before any pass (gradient markers removed): `.main` the step,
         `.bodies` every function body it calls. Loaded on first use, then kept."""
         if self._original_program is None:
-            traced = Program(IR.from_graph_def(self._capture.graph_def, self._capture.meta))
+            main = IR.from_graph_def(self._capture.graph_def, self._capture.meta)
+            # The library as completed at rewrite time with functions TensorFlow registered
+            # outside the step (where a later call may no longer find them); bodies the
+            # passes changed were emitted under new names, so it still holds the traced ones.
+            main.library.CopyFrom(self.program.main.library)
+            traced = Program(main)
             for m in self._capture.markers:
                 graphs = [traced.main] if m.functions is None else \
                     [traced.bodies[n] for n in m.functions if n in traced.bodies]
