@@ -15,7 +15,7 @@ from .emit import Emitted
 from .errors import FreezeError
 from .ir import IR
 from .passes.strip_markers import remove_markers
-from .plan import Plan
+from .plan import Plan, marker_sites
 from .program import Program
 from .render import Picture, graphviz_svg, picture, render_dot, to_dot, to_html
 from .report import Report, build_report, detail_names
@@ -133,11 +133,8 @@ class Rewritten:
             # passes changed were emitted under new names, so it still holds the traced ones.
             main.library.CopyFrom(self.program.main.library)
             traced = Program(main)
-            for m in self._capture.markers:
-                graphs = [traced.main] if m.functions is None else \
-                    [traced.bodies[n] for n in m.functions if n in traced.bodies]
-                for g in graphs:
-                    remove_markers(g, [m.values, m.indices])
+            for graph, marker, _ in marker_sites(self._capture, traced):  # as strip_markers does
+                remove_markers(graph, [marker.values, marker.indices])
             self._original_program = traced
         return self._original_program
 
