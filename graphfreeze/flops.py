@@ -8,9 +8,12 @@ reductions) element, bookkeeping ops as free.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from math import prod
 
 import networkx as nx
+
+from .opkinds import CALL_TARGETS
 
 FREE = frozenset({
     "Const", "Placeholder", "Identity", "IdentityN", "NoOp", "Reshape", "Squeeze", "ExpandDims",
@@ -20,6 +23,7 @@ FREE = frozenset({
 })
 REDUCTIONS = frozenset({"Sum", "Mean", "Max", "Min", "Prod", "BiasAddGrad", "L2Loss",
                         "UnsortedSegmentSum", "EuclideanNorm", "All", "Any"})
+CALLS = frozenset(CALL_TARGETS)
 CONVOLUTIONS = frozenset({"Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter", "Conv3D",
                           "DepthwiseConv2dNative", "DepthwiseConv2dNativeBackpropInput",
                           "DepthwiseConv2dNativeBackpropFilter"})
@@ -31,26 +35,42 @@ def _size(shape) -> int | None:
     return prod(shape)
 
 
-def _input_shapes(graph: nx.MultiDiGraph, node: str) -> list:
+def _output_shapes(graph: nx.MultiDiGraph, node: str, traced: Mapping[str, list] | None) -> list:
+    """A node's output shapes, each unknown one taken from `traced` when it has it."""
+    shapes = list(graph.nodes[node].get("shapes") or ())
+    known = traced.get(node) if traced else None
+    if not known:
+        return shapes
+    if not shapes:
+        return list(known)
+    return [s if _size(s) is not None or k >= len(known) else known[k] for k, s in enumerate(shapes)]
+
+
+def _input_shapes(graph: nx.MultiDiGraph, node: str, traced: Mapping[str, list] | None) -> list:
     found = []
     for src, _, attrs in graph.in_edges(node, data=True):
         if attrs["control"]:
             continue
-        shapes = graph.nodes[src]["shapes"]
+        shapes = _output_shapes(graph, src, traced)
         k = attrs["src_output"]
         found.append((attrs["dst_input"], shapes[k] if k < len(shapes) else None))
     return [s for _, s in sorted(found, key=lambda x: x[0])]
 
 
-def op_flops(graph: nx.MultiDiGraph, node: str) -> int | None:
-    """Estimated FLOPs of one execution of `node`; None when shapes are unknown."""
+def op_flops(graph: nx.MultiDiGraph, node: str, traced: Mapping[str, list] | None = None) -> int | None:
+    """Estimated FLOPs of one execution of `node`; None when shapes are unknown.
+
+    `traced` (node -> output shapes) fills in shapes the graph does not know (a function
+    body loaded from its FunctionDef has lost the shapes of the variables it reads).
+    A call op is free here: its work is in the body it calls.
+    """
     data = graph.nodes[node]
     op = data["op"]
-    if op in FREE:
+    if op in FREE or op in CALLS:
         return 0
-    outs = data.get("shapes") or []
+    outs = _output_shapes(graph, node, traced)
     out = _size(outs[0]) if outs else 0
-    ins = _input_shapes(graph, node)
+    ins = _input_shapes(graph, node, traced)
     if op in ("MatMul", "BatchMatMulV2", "BatchMatMul"):
         nd = data["nodedef"]
         a = ins[0] if ins else None
@@ -76,15 +96,3 @@ def op_flops(graph: nx.MultiDiGraph, node: str) -> int | None:
     if op in REDUCTIONS:
         return _size(ins[0]) if ins else None
     return out
-
-
-def flops_of(graph: nx.MultiDiGraph, nodes) -> tuple[int, int]:
-    """(total estimated FLOPs, number of ops whose FLOPs are unknown)."""
-    total, unknown = 0, 0
-    for n in nodes:
-        f = op_flops(graph, n)
-        if f is None:
-            unknown += 1
-        else:
-            total += f
-    return total, unknown

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import networkx as nx
-
-from .flops import flops_of
+from .bodies import BodyChange, sum_counts
+from .errors import FreezeError
 from .plan import Plan
-from .text import format_shape, text_table
+from .text import count_list, format_shape, human, text_table
 
 
 @dataclass(frozen=True)
@@ -40,9 +39,15 @@ class VariableRow:
 class Report:
     """Per frozen variable: path, shape, frozen/total entries, matching rules; plus totals.
 
+    Op counts and FLOP estimates cover the whole program the rewrite edited: the traced
+    step and every function body it calls (a `model.fit` step is a thin wrapper around
+    Keras's `one_step_on_data` body; `If`/`While` branches and nested calls are bodies too).
+    `bodies` holds the same numbers per function; `rw.report(detail="bodies")` prints them.
+
     >>> rw.report().frozen                      # doctest: +SKIP
     {'sequential/hidden1/kernel': 150000, 'sequential/hidden1/bias': 300}
     >>> print(rw.report())                      # doctest: +SKIP
+    >>> print(rw.report(detail="bodies"))       # doctest: +SKIP
     """
 
     function: str
@@ -52,8 +57,13 @@ class Report:
     ops_before: int | None
     ops_after: int | None
     trainable_total: int
-    flops: dict[str, int] = field(default_factory=dict)  # removed_backward, removed_optimizer, added
-    opaque_ops: list[str] = field(default_factory=list)  # let through by allow_opaque=True
+    # before, after, removed_backward, removed_optimizer, added, unknown (ops not estimated)
+    flops: dict[str, int] = field(default_factory=dict)
+    removed_ops: dict[str, int] = field(default_factory=dict)  # op type -> ops removed
+    added_ops: dict[str, int] = field(default_factory=dict)    # op type -> ops added
+    bodies: list[BodyChange] = field(default_factory=list)     # the step first, then its bodies
+    detail: tuple[str, ...] = ("summary",)                     # what str() shows, see DETAILS
+    opaque_ops: list[str] = field(default_factory=list)        # let through by allow_opaque=True
 
     @property
     def frozen(self) -> dict[str, int]:
@@ -76,6 +86,10 @@ class Report:
     def ops_removed(self) -> int | None:
         return None if self.ops_before is None else self.ops_before - self.ops_after
 
+    def with_detail(self, detail: str | Sequence[str]) -> Report:
+        """The same report, printing the sections `detail` names (see `DETAILS`)."""
+        return replace(self, detail=detail_names(detail))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "function": self.function, "mode": self.mode,
@@ -87,6 +101,8 @@ class Report:
                        "ops_before": self.ops_before, "ops_after": self.ops_after,
                        "ops_removed": self.ops_removed,
                        **{f"flops_{k}": v for k, v in self.flops.items()}},
+            "removed_ops": self.removed_ops, "added_ops": self.added_ops,
+            "bodies": [b.to_dict() for b in self.bodies],
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -98,12 +114,21 @@ class Report:
                f"{self.parameters_frozen + self.trainable_total:,}"
         if self.ops_before is not None:
             line += f"; ops: {self.ops_before:,} -> {self.ops_after:,} ({self.ops_removed:,} removed)"
+            if len(self.bodies) > 1:
+                n = len(self.bodies) - 1
+                line += f" in the step and the {n} function bod{'y' if n == 1 else 'ies'} it calls"
         out = [line]
+        if self.removed_ops or self.added_ops:
+            out.append(f"op types removed: {count_list(self.removed_ops, 6)}; added: "
+                       f"{count_list(self.added_ops, 6)}")
         if self.flops:
             f = self.flops
-            out.append(f"estimated FLOPs per step removed: {_human(f['removed_backward'])} backward, "
-                       f"{_human(f['removed_optimizer'])} optimizer; added by masks: "
-                       f"{_human(f['added'])}")
+            out.append(f"estimated FLOPs per step: {human(f['before'])} -> {human(f['after'])}; "
+                       f"removed {human(f['removed_backward'])} backward, "
+                       f"{human(f['removed_optimizer'])} optimizer; added by the passes "
+                       f"{human(f['added'])}")
+            if f["unknown"]:
+                out.append(f"  ({f['unknown']:,} ops without static shapes are not estimated)")
         if self.pruned_state:
             names = sorted(self.pruned_state)
             out.append(f"optimizer state pruned: {len(names)} variables ({', '.join(names[:4])}"
@@ -119,26 +144,54 @@ class Report:
         out = [f"graphfreeze report for {self.function} ({self.mode})", *text_table(header, body)]
         if not body:
             out.append("(nothing frozen)")
-        return "\n".join(out + self.summary_lines())
+        out += self.summary_lines()
+        for name in self.detail:
+            out += DETAILS[name](self)
+        return "\n".join(out)
 
 
-def _human(n: int) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return str(n)
+def _bodies_section(report: Report) -> list[str]:
+    """One row per function: the step, then each body it calls, in call order."""
+    if not report.bodies:
+        return ["(no per-function numbers: nothing was traced)"]
+    header = ("function", "called from", "ops before", "ops after", "est. FLOPs before", "after",
+              "removed", "added")
+    rows = [(f"{b.name} (the step)" if b.is_step else b.name, b.parent or "-",
+             f"{b.ops_before:,}", f"{b.ops_after:,}", human(b.flops_before), human(b.flops_after),
+             human(sum(b.flops_removed.values())), human(sum(b.flops_added.values())))
+            for b in report.bodies]
+    return ["", "per function (each body counted once, also when a loop runs it many times):",
+            *text_table(header, rows)]
 
 
-def removed_flops(original: nx.MultiDiGraph, rewritten: nx.MultiDiGraph) -> dict[str, int]:
-    """Estimated FLOPs per step: removed backward work (the tape's gradient ops), removed
-    optimizer work (everything else removed), and work added by inserted ops."""
-    removed = [n for n in original if n not in rewritten]
-    backward = [n for n in removed if n.startswith("gradient_tape/")]
-    optimizer = [n for n in removed if not n.startswith("gradient_tape/")]
-    added = [n for n, d in rewritten.nodes(data=True) if d.get("inserted")]
-    return {"removed_backward": flops_of(original, backward)[0],
-            "removed_optimizer": flops_of(original, optimizer)[0],
-            "added": flops_of(rewritten, added)[0]}
+#: What `str(report)` can show besides the variable table and the totals, by the name
+#: `rw.report(detail=...)` takes; a new view is one more entry here.
+DETAILS: dict[str, Callable[[Report], list[str]]] = {
+    "summary": lambda report: [],
+    "bodies": _bodies_section,
+}
+
+
+def detail_names(detail: str | Sequence[str]) -> tuple[str, ...]:
+    """`detail` (one name or several) as a tuple of names in `DETAILS`; FreezeError otherwise."""
+    names = (detail,) if isinstance(detail, str) else tuple(detail)
+    unknown = [d for d in names if d not in DETAILS]
+    if unknown:
+        raise FreezeError(f"report(detail={detail!r}): unknown detail {unknown[0]!r}; choose from "
+                          f"{', '.join(repr(k) for k in DETAILS)}, or a list of them.")
+    return names
+
+
+def program_flops(changes: Sequence[BodyChange]) -> dict[str, int]:
+    """FLOP totals over the step and its bodies (each body counted once: a While body's
+    work as one iteration, both branches of an If)."""
+    removed = sum(sum(c.flops_removed.values()) for c in changes)
+    backward = sum(c.flops_removed_backward for c in changes)
+    return {"before": sum(c.flops_before for c in changes),
+            "after": sum(c.flops_after for c in changes),
+            "removed_backward": backward, "removed_optimizer": removed - backward,
+            "added": sum(sum(c.flops_added.values()) for c in changes),
+            "unknown": sum(c.unknown_flops for c in changes)}
 
 
 def variable_rows(freezes, pruned_state: dict[str, list[str]]) -> list[VariableRow]:
@@ -156,9 +209,13 @@ def trainable_parameters(variables, freezes) -> int:
                if v.trainable and v.model_state and not v.replica)
 
 
-def build_report(plan: Plan, ops_before: int | None, ops_after: int | None,
-                 flops: dict[str, int] | None = None) -> Report:
+def build_report(plan: Plan, changes: Sequence[BodyChange],
+                 detail: str | Sequence[str] = "summary") -> Report:
+    """The report of a rewrite; `changes` has one entry per function, the step first."""
     return Report(plan.capture.function_name, "training step" if plan.training else "forward function",
                   variable_rows(plan.freezes, plan.notes.pruned_state), dict(plan.notes.pruned_state),
-                  ops_before, ops_after, trainable_parameters(plan.capture.variables, plan.freezes),
-                  flops or {}, opaque_ops=list(plan.notes.opaque_ops))
+                  sum(c.ops_before for c in changes), sum(c.ops_after for c in changes),
+                  trainable_parameters(plan.capture.variables, plan.freezes),
+                  program_flops(changes), sum_counts(c.removed for c in changes),
+                  sum_counts(c.added for c in changes), list(changes), detail_names(detail),
+                  opaque_ops=list(plan.notes.opaque_ops))

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import networkx as nx
 import tensorflow as tf
 
+from .bodies import Body, BodyChange, compare_all, program_bodies, traced_shapes
 from .capture import Capture
-from .diff import Diff, diff_graphs
+from .diff import Diff, diff_program
 from .emit import Emitted
 from .errors import FreezeError
 from .ir import IR
 from .passes.strip_markers import remove_markers
-from .plan import Plan
+from .plan import Plan, marker_sites
 from .program import Program
 from .render import Picture, graphviz_svg, picture, render_dot, to_dot, to_html
-from .report import Report, build_report, removed_flops
+from .report import Report, build_report, detail_names
 
 
 class Rewritten:
@@ -27,15 +29,22 @@ class Rewritten:
     >>> rw = gf.rewrite(train_step, ["hidden1/*"], x, y)     # doctest: +SKIP
     >>> loss = rw(x, y)                                      # doctest: +SKIP
     >>> print(rw.report())                                   # doctest: +SKIP
+
+    Inspection covers the whole program the rewrite edited: the step and every function
+    body it calls (`StatefulPartitionedCall`, `If`/`While` branches; in `model.fit`, Keras's
+    `one_step_on_data` and the `strategy.run` body). `graph` / `original_graph` are the
+    step's own top-level graph; `bodies` / `original_bodies` are the bodies' graphs by name.
     """
 
     def __init__(self, capture: Capture, plan: Plan, rewritten: Program, emitted: Emitted):
         self._capture = capture
         self.plan = plan
-        self.program = rewritten
+        self.program = rewritten  # the rewritten Program (`program.main`, `program.bodies`)
         self._ir = rewritten.main
         self._emitted = emitted
-        self._original_view: nx.MultiDiGraph | None = None
+        self._original_program: Program | None = None
+        self._bodies: list[Body] | None = None
+        self._changes: list[BodyChange] | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -81,21 +90,67 @@ class Rewritten:
 
     @property
     def graph(self) -> nx.MultiDiGraph:
-        """The rewritten graph (networkx; see `graphfreeze.ir` for the encoding)."""
+        """The rewritten step's top-level graph (networkx; see `graphfreeze.ir` for the
+        encoding). The bodies it calls are in `bodies`."""
         return self._ir.graph
 
     @property
     def original_graph(self) -> nx.MultiDiGraph:
-        """The traced graph before any pass, without graphfreeze's gradient markers."""
-        if self._original_view is None:
-            self._original_view = self._traced_ir().graph
-        return self._original_view
+        """The traced step's top-level graph before any pass, without graphfreeze's gradient
+        markers. The bodies it calls are in `original_bodies`."""
+        return self.original_program.main.graph
 
-    def _traced_ir(self) -> IR:
-        traced = IR.from_graph_def(self._capture.graph_def, self._capture.meta)
-        remove_markers(traced, [n for m in self._capture.markers if m.functions is None
-                                for n in (m.values, m.indices)])
-        return traced
+    @property
+    def bodies(self) -> dict[str, nx.MultiDiGraph]:
+        """Every function body the rewritten step calls, directly or not, by the name it was
+        traced under (`diff().functions` gives the name a rewritten body runs under).
+
+        In a body's graph, the arguments are Placeholder nodes (`program.bodies[name].args`
+        in order) and output k is a synthetic `_Retval` node with attribute `index` k.
+
+        >>> rw = gf.keras.rewritten(model)                             # doctest: +SKIP
+        >>> {name: g.number_of_nodes() for name, g in rw.bodies.items()}  # doctest: +SKIP
+        {'__inference_one_step_on_data_1112': 167}
+        """
+        return {b.name: b.rewritten.graph for b in self._program_bodies()
+                if not b.is_step and b.rewritten is not None}
+
+    @property
+    def original_bodies(self) -> dict[str, nx.MultiDiGraph]:
+        """Every function body the traced step called, before any pass (markers removed),
+        by name; same encoding as `bodies`."""
+        return {b.name: b.original.graph for b in self._program_bodies()
+                if not b.is_step and b.original is not None}
+
+    @property
+    def original_program(self) -> Program:
+        """The traced program before any pass (gradient markers removed): `.main` the step,
+        `.bodies` every function body it calls. Loaded on first use, then kept."""
+        if self._original_program is None:
+            main = IR.from_graph_def(self._capture.graph_def, self._capture.meta)
+            # The library as completed at rewrite time with functions TensorFlow registered
+            # outside the step (where a later call may no longer find them); bodies the
+            # passes changed were emitted under new names, so it still holds the traced ones.
+            main.library.CopyFrom(self.program.main.library)
+            traced = Program(main)
+            for graph, marker, _ in marker_sites(self._capture, traced):  # as strip_markers does
+                remove_markers(graph, [marker.values, marker.indices])
+            self._original_program = traced
+        return self._original_program
+
+    def _program_bodies(self) -> list[Body]:
+        if self._bodies is None:
+            frozen = {vf.variable.placeholder for vf in self.plan.freezes}
+            self._bodies = program_bodies(self.original_program, self.program, self._emitted.renamed,
+                                          frozen, self._capture.function_name,
+                                          traced_shapes(self._capture.concrete_function))
+        return self._bodies
+
+    def _program_changes(self) -> list[BodyChange]:
+        if self._changes is None:
+            known = set(self.original_program.fdefs) | set(self._emitted.renamed.values())
+            self._changes = compare_all(self._program_bodies(), known)
+        return self._changes
 
     @property
     def ir(self) -> IR:
@@ -106,24 +161,31 @@ class Rewritten:
         """The rewritten GraphDef, with changed library functions under fresh names."""
         return self._emitted.graph_def
 
-    def report(self) -> Report:
+    def report(self, detail: str | Sequence[str] = "summary") -> Report:
         """Per frozen variable: shape, frozen/total entries, rules, pruned optimizer state;
-        totals: parameters frozen, ops removed, estimated FLOPs removed per step."""
-        original = self.original_graph
-        return build_report(self.plan, original.number_of_nodes(), self.graph.number_of_nodes(),
-                            removed_flops(original, self.graph))
+        totals over the step and every body it calls: parameters frozen, ops before and
+        after, op types removed and added, estimated FLOPs per step removed and added.
+
+        `detail` adds sections to `str(report)`: "bodies" a row per function (the step and
+        each body it calls). The numbers are on the report whatever `detail` says.
+
+        >>> print(rw.report(detail="bodies"))     # doctest: +SKIP
+        """
+        return build_report(self.plan, self._program_changes(), detail_names(detail))
 
     def diff(self) -> Diff:
-        """Ops added and removed by type, and the nodes the passes inserted."""
-        return diff_graphs(self.original_graph, self.graph, self._emitted.renamed)
+        """Ops and estimated FLOPs added and removed by type, over the step and every body
+        it calls (`diff().bodies` per function), and the nodes the passes inserted."""
+        return diff_program(self._program_changes(), self._emitted.renamed)
 
     def picture(self, budget: int = 40) -> Picture:
-        frozen = {vf.variable.placeholder for vf in self.plan.freezes}
-        return picture(self.graph, self.original_graph, frozen, budget)
+        """The whole program grouped into about `budget` boxes (see `graphfreeze.render`)."""
+        return picture(self._program_bodies(), budget)
 
     def to_dot(self, *, max_nodes: int = 40) -> str:
-        """DOT text of the rewritten graph: frozen variables blue, inserted ops orange,
-        removed regions grey and dashed; collapsed by name scope beyond `max_nodes` boxes."""
+        """DOT text of the rewritten program: frozen variables blue, inserted ops orange,
+        removed regions grey and dashed; each function body a subgraph cluster inside its
+        caller's; collapsed by name scope beyond `max_nodes` boxes."""
         return to_dot(self.picture(max_nodes), self._capture.function_name)
 
     def render(self, path: str, *, max_nodes: int = 40) -> str:
@@ -145,17 +207,29 @@ class Rewritten:
         return path
 
     def to_tensorboard(self, logdir: str, *, include_original: bool = False) -> list[str]:
-        """Write the rewritten graph (and optionally the traced one) for TensorBoard's graph
-        dashboard, as runs `rewritten` and `original` under `logdir`."""
+        """Write the rewritten program (and optionally the traced one) for TensorBoard's graph
+        dashboard, as runs `rewritten` and `original` under `logdir`. Each function body is
+        inlined under a name scope named after it (nested as the calls nest), fed from the
+        op that calls it, so the dashboard shows it as a group to expand.
+
+        >>> rw.to_tensorboard("logs", include_original=True)   # doctest: +SKIP
+        """
         import os
 
-        from .tensorboard import write_graph
-        runs = [write_graph(self._emitted.graph_def, os.path.join(logdir, "rewritten"))]
+        from .tensorboard import program_graph_def, write_graph
+        bodies = self._program_bodies()
+        runs = [write_graph(program_graph_def(bodies, rewritten=True), os.path.join(logdir, "rewritten"))]
         if include_original:
-            runs.append(write_graph(self._traced_ir().to_graph_def(), os.path.join(logdir, "original")))
+            runs.append(write_graph(program_graph_def(bodies, rewritten=False),
+                                    os.path.join(logdir, "original")))
         return runs
 
     def __repr__(self) -> str:
         return (f"<Rewritten {self._capture.function_name} ({'training' if self.training else 'forward'}"
                 f" mode): {len(self.plan.freezes)} variables frozen, "
-                f"{self.original_graph.number_of_nodes()} -> {self.graph.number_of_nodes()} ops>")
+                f"{self._ops(original=True):,} -> {self._ops(original=False):,} ops>")
+
+    def _ops(self, original: bool) -> int:
+        """Ops over the step and its bodies (as in the report, without estimating FLOPs)."""
+        return sum(len(b.ops(b.original_graph if original else b.rewritten_graph))
+                   for b in self._program_bodies())

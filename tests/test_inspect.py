@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,19 +26,37 @@ DATA = batches(2, (16, 6), (16, 3))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+RULES = ["hidden1/*", gf.Columns("out/kernel", [0, 2]), gf.Rows("hidden2/bias", [1])]
+
+
+def expected_frozen(model) -> dict[str, int]:
+    """Frozen entries per variable, from what RULES mean and the variables' shapes."""
+    out = {}
+    for v in model.trainable_variables:
+        mask = np.zeros(v.shape, bool)
+        if "/hidden1/" in v.path:
+            mask[...] = True
+        if v.path.endswith("/out/kernel"):
+            mask[:, [0, 2]] = True
+        if v.path.endswith("/hidden2/bias"):
+            mask[[1]] = True
+        if mask.any():
+            out[v.path] = int(mask.sum())
+    return out
+
+
 @pytest.fixture
 def rewritten():
     model = mlp()
-    rules = ["hidden1/*", gf.Columns("out/kernel", [0, 2]), gf.Rows("hidden2/bias", [1])]
-    return model, gf.rewrite(make_step(model, keras.optimizers.Adam(1e-2)), rules, *DATA[0])
+    step = make_step(model, keras.optimizers.Adam(1e-2))
+    return model, gf.rewrite(step, RULES, *DATA[0]), step
 
 
 def test_report_table_and_totals(rewritten):
-    model, rw = rewritten
+    model, rw, _ = rewritten
     rep = rw.report()
-    expected = {"sequential/hidden1/kernel": 72, "sequential/hidden1/bias": 12,
-                "sequential/out/kernel": 2 * 8, "sequential/hidden2/bias": 1}
-    assert rep.frozen == expected
+    expected = expected_frozen(model)
+    assert len(expected) == 4 and rep.frozen == expected
     rows = {r["path"]: r for r in rep.records()}
     assert rows["sequential/out/kernel"]["total"] == 24 and rows["sequential/out/kernel"]["shape"] == [8, 3]
     assert rows["sequential/hidden1/kernel"]["state_pruned"]
@@ -72,12 +91,27 @@ def test_flop_estimates_for_matmul_and_conv():
 
 
 def test_diff_counts_match_the_graphs(rewritten):
-    _, rw = rewritten
+    """The diff against the step traced again by TensorFlow alone (no markers, no passes)
+    and the GraphDef graphfreeze emits, counted here op type by op type."""
+    _, rw, step = rewritten
     d = rw.diff()
-    original, new = rw.original_graph, rw.graph
-    assert d.removed == dict(Counter(op for n, op in original.nodes(data="op") if n not in new))
-    assert d.added == dict(Counter(op for n, op in new.nodes(data="op") if n not in original))
-    assert {n for n, _, _ in d.inserted} == {n for n, data in new.nodes(data=True) if data.get("inserted")}
+    traced = tf.function(step).get_concrete_function(*DATA[0]).graph.as_graph_def()
+    assert not traced.library.function  # a tape step traces flat: no bodies to count
+    before = Counter(n.op for n in traced.node)
+    after = Counter(n.op for n in rw.graph_def.node)
+    assert d.n_removed - d.n_added == sum(before.values()) - sum(after.values()) > 0
+    net = Counter(d.removed)
+    net.subtract(d.added)
+    before.subtract(after)
+    assert {k: v for k, v in net.items() if v} == {k: v for k, v in before.items() if v}
+    # The frozen layer's kernel gradient is a matrix product the rewrite removes.
+    kernel_grads = [n.name for n in traced.node if n.op == "MatMul"  # TF scopes: hidden1_1/
+                    and re.match(r"gradient_tape/.*/hidden1(_\d+)?/", n.name)]
+    emitted = {n.name for n in rw.graph_def.node}
+    assert kernel_grads and not set(kernel_grads) & emitted
+    assert d.removed["MatMul"] >= len(kernel_grads)
+    # Every node the traced step lacks was inserted by a pass, and says which.
+    assert {n for n, _, _ in d.inserted} == emitted - {n.name for n in traced.node}
     assert {p for _, _, p in d.inserted} == {"mask_gradients", "guard_writes"}
     text = str(d)
     assert f"ops removed: {d.n_removed:,}" in text and "mask_gradients" in text
@@ -85,7 +119,7 @@ def test_diff_counts_match_the_graphs(rewritten):
 
 def test_dot_parses_and_styles(rewritten):
     import pydot
-    _, rw = rewritten
+    _, rw, _ = rewritten
     dot = rw.to_dot()
     (graph,) = pydot.graph_from_dot_data(dot)
     nodes = {n.get_name().strip('"'): n for n in graph.get_nodes() if n.get_name() not in ("node", "graph")}
@@ -96,7 +130,7 @@ def test_dot_parses_and_styles(rewritten):
 
 
 def test_render_with_and_without_graphviz(rewritten, tmp_path, monkeypatch):
-    _, rw = rewritten
+    _, rw, _ = rewritten
     if shutil.which("dot"):
         png = rw.render(str(tmp_path / "step.png"))
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -109,7 +143,7 @@ def test_render_with_and_without_graphviz(rewritten, tmp_path, monkeypatch):
 
 
 def test_html_is_self_contained(rewritten, tmp_path):
-    _, rw = rewritten
+    _, rw, _ = rewritten
     text = open(rw.to_html(str(tmp_path / "r.html"))).read()
     for path in rw.report().frozen:
         assert path in text
@@ -138,13 +172,13 @@ def _screenshot_has_table_and_picture(html_path: str, tmp_path) -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (.ci/run installs it with apt-get)")
 def test_html_opens_in_headless_chromium(rewritten, tmp_path):
-    _, rw = rewritten
+    _, rw, _ = rewritten
     _screenshot_has_table_and_picture(rw.to_html(str(tmp_path / "r.html")), tmp_path)
 
 
 def test_tensorboard_event_files_load(rewritten, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    _, rw = rewritten
+    _, rw, _ = rewritten
     runs = rw.to_tensorboard(str(tmp_path), include_original=True)
     assert [os.path.basename(r) for r in runs] == ["rewritten", "original"]
     for run, expected in zip(runs, (rw.graph_def, None)):
@@ -158,10 +192,15 @@ def test_tensorboard_event_files_load(rewritten, tmp_path):
 
 
 def test_plan_matches_the_rewrite_report(rewritten):
-    model, rw = rewritten
-    rules = ["hidden1/*", gf.Columns("out/kernel", [0, 2]), gf.Rows("hidden2/bias", [1])]
-    planned = gf.plan(model, *rules)
-    assert planned.frozen == rw.report().frozen
+    model, rw, _ = rewritten
+    planned = gf.plan(model, *RULES)
+    expected = expected_frozen(model)
+    assert planned.frozen == expected and rw.report().frozen == expected
+    by_path = {r.path: r for r in planned.rows}
+    for v in model.trainable_variables:
+        if v.path in expected:
+            assert by_path[v.path].total == int(np.prod(v.shape))
+    assert by_path["sequential/out/kernel"].rules == ("Columns('out/kernel', [0, 2])",)
     assert [r.rules for r in planned.rows] == [r.rules for r in rw.report().rows]
     assert planned.ops_before is None and "plan" in str(planned)
     with pytest.raises(gf.RuleError, match="hiden1"):
