@@ -113,6 +113,8 @@ def refuse_unmarked_writes(program: Program, plan: Plan) -> None:
             op = use.ir.op(use.node)
             if not opkinds.is_write(op):
                 continue
+            if plan.training and not _derives_from_backward(use.ir, use.node):
+                continue  # a statistic written from the forward pass (raw BatchNorm moments)
             if plan.training:
                 why = ("but graphfreeze found no gradient of it taken by tape.gradient or "
                        "tf.gradients with respect to the variable itself (a gradient taken "
@@ -134,13 +136,33 @@ def refuse_unmarked_writes(program: Program, plan: Plan) -> None:
 _BACKWARD_SCOPES = ("gradient_tape/", "gradients/")
 
 
+def _is_backward(node: str, op: str) -> bool:
+    """The tape's and tf.gradients' name scopes, *Grad and *Backprop* kernels."""
+    return node.startswith(_BACKWARD_SCOPES) or "Backprop" in op or \
+        op.rstrip("V0123456789").endswith("Grad")
+
+
+def _derives_from_backward(ir: Any, write: str) -> bool:
+    """Whether the value `write` stores may come from a gradient: a backward op among its
+    data ancestors, or an argument of the body it sits in (which could carry one)."""
+    pending, seen = [src for src, _ in ir.inputs(write)], set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        op = ir.op(node)
+        if _is_backward(node, op) or (op == "Placeholder" and ir.name is not None):
+            return True
+        pending.extend(src for src, _ in ir.inputs(node))
+    return False
+
+
 def _takes_or_applies_gradients(program: Program, plan: Plan) -> bool:
-    """Backward ops anywhere (the tape's and tf.gradients' name scopes, *Grad and
-    *Backprop* kernels), or a write to a variable known as optimizer state."""
+    """Backward ops anywhere, or a write to a variable known as optimizer state."""
     for ir in program.graphs():
         for node, op in ir.graph.nodes(data="op"):
-            if node.startswith(_BACKWARD_SCOPES) or "Backprop" in op or \
-                    op.rstrip("V0123456789").endswith("Grad"):
+            if _is_backward(node, op):
                 return True
     state = [v.placeholder for v in plan.capture.variables if v.optimizer_state]
     return any(opkinds.is_write(use.ir.op(use.node)) for p in state
