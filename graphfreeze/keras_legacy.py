@@ -103,10 +103,10 @@ def route(model: Any, make_step: Callable[[Callable], Any]) -> Any:
 class _Checked:
     """Runs the rewritten step after checking that no rule froze tf_keras's own counters.
 
-    graphfreeze recognises a Keras 3 optimizer's iteration counter and learning rate as
-    optimizer state, so a glob such as '*' never matches them; tf_keras's optimizer and its
-    model's batch counters are not recognised yet, and freezing them would silently stop
-    Adam's bias correction or the learning-rate schedule. Refuse by name instead.
+    Optimizer counters are recognised from the graph (state_roles), so a glob such as '*'
+    never matches tf_keras's iteration count or learning rate. This is the safety net for
+    a counter that recognition misses: freezing it would silently stop Adam's bias
+    correction or a learning-rate schedule, so refuse it by name instead.
     """
 
     def __init__(self, frozen: Any, model: Any):
@@ -157,6 +157,6 @@ def _check_model_state_only(rewritten: Any, rules: list, model: Any) -> None:
         raise RuleError(
             f"rule(s) {', '.join(vf.rules)} froze {vf.variable.path!r}, which is not a weight "
             f"of {model.name!r} but a counter of {keras_package(model)} (its optimizer's "
-            "iteration count or learning rate, or the model's batch counter); graphfreeze "
-            "recognises these only for Keras 3 models so far. Name the layers to freeze "
+            "iteration count or learning rate, or the model's batch counter) that graphfreeze "
+            "did not recognise as training state. Name the layers to freeze "
             "instead of '*' (e.g. gf.keras.freeze(model, *model.layers[:-1])), or use Keras 3.")
