@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._keras_compat import use_keras37_step
 from .api import FrozenFunction
 from .dryrun import plan
 from .errors import RuleError, UnsupportedGraphError
@@ -73,7 +74,8 @@ class _Routing:
         if model.train_function is not None and not force:
             return model.train_function
         type(model).make_train_function(model, force=True)  # Keras builds it as usual
-        cell = _step_cell(model.train_function)
+        use_keras37_step(model)  # Keras 3.0-3.6: see _keras_compat.py
+        cell = _step_cell(getattr(model.train_function, "python_function", model.train_function))
         if cell is None:
             model.train_function = None
             raise UnsupportedGraphError(
