@@ -19,6 +19,7 @@ except ImportError as _e:  # pragma: no cover - exercised only without TensorFlo
     ) from _e
 
 from . import keras  # noqa: E402  (gf.keras.freeze / unfreeze / rewritten)
+from ._version import __version__ as __version__  # explicit re-export (typed package)
 from .api import FrozenFunction, freeze, rewrite
 from .cache import CacheError, FrozenPrefixCache, cache_frozen_prefix
 from .diff import Diff
@@ -29,8 +30,6 @@ from .report import Report
 from .rewritten import Rewritten
 from .rules import Columns, Freeze, Mask, Rows, Rule, Unfreeze
 from .transfer import MatchReport, TransferError, Transferred, match_layers, transfer, transfer_report
-
-__version__ = "0.1.0"
 
 __all__ = [
     "freeze", "rewrite", "plan", "keras",

@@ -1,5 +1,8 @@
 """The `graphfreeze` command line.
 
+    graphfreeze --version
+        graphfreeze's version, and the TensorFlow, Keras and Python it runs on
+
     graphfreeze demo [SCENARIO ...] [--list]
         run the seed scenarios, printing their freeze reports (the README's main job)
 
@@ -189,10 +192,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- main
 
 
+def _version_text() -> str:
+    """What a bug report needs: graphfreeze's version and the TensorFlow, Keras and Python it
+    runs on (all already imported by the package, so this costs nothing)."""
+    import platform
+
+    import keras
+    import tensorflow as tf
+
+    from graphfreeze import __version__
+    return (f"graphfreeze {__version__} (TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+            f"Python {platform.python_version()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphfreeze",
         description="Train only part of a TensorFlow 2 model by rewriting its traced graph.")
+    parser.add_argument("--version", action="version", version=_version_text(),
+                        help="print the graphfreeze, TensorFlow, Keras and Python versions and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="run the seed scenarios and print their freeze reports",
                           description="Run the seed scenarios (examples/), each printing its "
