@@ -25,6 +25,7 @@ with _silenced(_quiet_command_starting()):
         ) from _e
     from . import keras  # noqa: E402  (gf.keras.freeze / unfreeze / rewritten)
 
+from ._version import __version__ as __version__  # explicit re-export (typed package)
 from .api import FrozenFunction, freeze, rewrite
 from .cache import CacheError, FrozenPrefixCache, cache_frozen_prefix
 from .diff import Diff
@@ -36,8 +37,6 @@ from .rewritten import Rewritten
 from .rules import Columns, Freeze, Mask, Rows, Rule, Unfreeze
 from .trainable_io import load_trainable, save_trainable
 from .transfer import MatchReport, TransferError, Transferred, match_layers, transfer, transfer_report
-
-__version__ = "0.1.0"
 
 __all__ = [
     "freeze", "rewrite", "plan", "keras", "save_trainable", "load_trainable",

@@ -1,5 +1,8 @@
 """The `graphfreeze` command line.
 
+    graphfreeze --version
+        graphfreeze's version, and the TensorFlow, Keras and Python it runs on
+
     graphfreeze demo [SCENARIO ...] [--list] [--verbose]
         run the seed scenarios, printing their freeze reports (the README's main job)
 
@@ -192,17 +195,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- main
 
 
+def _version_text() -> str:
+    """What a bug report needs: graphfreeze's version and the TensorFlow, Keras and Python it
+    runs on (all already imported by the package, so this costs nothing)."""
+    import platform
+
+    import keras
+    import tensorflow as tf
+
+    from graphfreeze import __version__
+    return (f"graphfreeze {__version__} (TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+            f"Python {platform.python_version()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphfreeze",
         description="Train only part of a TensorFlow 2 model by rewriting its traced graph.")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show TensorFlow's native logs (kept off the terminal by default)")
-    # Also accepted after the command (graphfreeze demo --verbose); SUPPRESS keeps a flag
-    # given before the command from being reset by the subcommand's default.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="show TensorFlow's native logs (kept off the terminal by default)")
+    graphfreeze --version
+        graphfreeze's version, and the TensorFlow, Keras and Python it runs on
+
+    graphfreeze demo [SCENARIO ...] [--list] [--verbose]
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", parents=[common],
                           help="run the seed scenarios and print their freeze reports",

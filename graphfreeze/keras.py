@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import keras_legacy
+from ._keras_compat import use_keras37_step
 from .api import FrozenFunction
 from .dryrun import plan
 from .errors import RuleError, UnsupportedGraphError
@@ -107,6 +108,7 @@ def route_train_function(model: Any, make_step: Callable[[Callable], FrozenFunct
     if keras_legacy.is_tf_keras_model(model):
         return keras_legacy.route(model, make_step)
     type(model).make_train_function(model, force=True)  # Keras builds it as usual
+    use_keras37_step(model)  # Keras 3.0-3.6: see _keras_compat.py
     cell = closure_cell(model.train_function, _is_step_function)
     if cell is None:
         model.train_function = None

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import assert_close_models, batches, make_step, mirrored, mlp
+from keras_versions import ALL_REDUCE, ALL_REDUCE_IN_KERAS
 
 import graphfreeze as gf
 from graphfreeze.passes.build import INSERTED_OPS
@@ -139,8 +140,9 @@ def test_multi_worker_mirrored_strategy(tmp_path):
         for a, b in zip(r["weights"], r["reference"]):  # S2 against the same strategy
             np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
         assert len(r["pruned"]) == 4
-    for a, b in zip(results[0]["weights"], results[1]["weights"]):  # the workers agree
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6)
+    if ALL_REDUCE_IN_KERAS:  # the workers agree (older Keras trains each on its own shard)
+        for a, b in zip(results[0]["weights"], results[1]["weights"]):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6)
 
 
 def test_step_rewritten_under_one_strategy_called_under_another():
@@ -217,6 +219,7 @@ def test_xla_forward_mode():
     np.testing.assert_allclose(rw(x).numpy(), fn(x).numpy(), rtol=1e-6)
 
 
+@ALL_REDUCE
 def test_frozen_gradients_leave_the_packed_all_reduce():
     """tf.distribute all-reduces the concatenation of all gradients; the frozen variables'
     zeros are taken out of it, so replicas exchange only trainable gradients."""

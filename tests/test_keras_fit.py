@@ -128,8 +128,11 @@ def test_fit_with_callbacks_validation_tf_data_steps_per_execution_and_xla():
     callback = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(b))
     data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(8)
     frozen = snapshot(model.get_layer("hidden1").variables)
-    history = model.fit(data, epochs=2, validation_data=(X[:16], Y[:16]), callbacks=[callback], verbose=0)
-    reference.fit(data, epochs=2, validation_data=(X[:16], Y[:16]), verbose=0)
+    # At least steps_per_execution batches to evaluate: Keras 3.3's evaluate returns no logs
+    # for fewer (without graphfreeze too), and fit then fails reading them.
+    validation = {"validation_data": (X[:16], Y[:16]), "validation_batch_size": 4}
+    history = model.fit(data, epochs=2, callbacks=[callback], verbose=0, **validation)
+    reference.fit(data, epochs=2, verbose=0, **validation)
     assert {"loss", "mae", "val_loss", "val_mae"} <= set(history.history)
     assert batches, "callbacks ran"
     def unchanged():
@@ -138,7 +141,7 @@ def test_fit_with_callbacks_validation_tf_data_steps_per_execution_and_xla():
 
     assert unchanged()
     assert_close_models(model, reference, atol=1e-4)
-    model.evaluate(X, Y, verbose=0)  # evaluation still works and changes nothing
+    model.evaluate(X, Y, batch_size=8, verbose=0)  # evaluation still works and changes nothing
     assert unchanged()
 
 

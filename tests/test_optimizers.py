@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import assert_close_models, batches, make_step, mlp, snapshot, twin
+from keras_versions import KERAS, optimizer_param
 from references import keep_of, masked_mlp
 
 import graphfreeze as gf
@@ -67,9 +68,15 @@ def _pretrained(opt_name, option):
     return model, optimizer, step
 
 
+ALL_OPTIMIZERS = [optimizer_param(name) for name in sorted(OPTIMIZERS)]
+
+
 @pytest.mark.parametrize("option", sorted(OPTIONS))
-@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("opt_name", ALL_OPTIMIZERS)
 def test_s1_s4_whole_variables(opt_name, option):
+    if opt_name == "Adagrad" and KERAS < (3, 10):
+        pytest.skip("needs Keras >= 3.10: older Adagrad names every accumulator 'accumulator', so "
+                    "hidden1's cannot be told apart by path (Adagrad's partial S1 and S2 still run)")
     model, optimizer, step = _pretrained(opt_name, option)
     frozen = model.get_layer("hidden1").variables
     before, state_before = snapshot(frozen), snapshot(optimizer.variables)
@@ -88,7 +95,7 @@ def test_s1_s4_whole_variables(opt_name, option):
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
-@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("opt_name", ALL_OPTIMIZERS)
 def test_s1_partial(opt_name, option):
     model, optimizer, step = _pretrained(opt_name, option)
     k_frozen, b_frozen = _partial_frozen()
@@ -102,7 +109,8 @@ def test_s1_partial(opt_name, option):
     assert not np.array_equal(k1[~k_frozen], k0[~k_frozen])
 
 
-S2_WHOLE = [(o, "plain") for o in OPTIMIZERS] + [(o, "global_clipnorm") for o in OPTIMIZERS] + \
+S2_WHOLE = [optimizer_param(o, "plain") for o in OPTIMIZERS] + \
+    [optimizer_param(o, "global_clipnorm") for o in OPTIMIZERS] + \
     [(o, opt) for o in ("SGD", "Adam", "RMSprop") for opt in ("ema", "accumulation", "weight_decay")] + \
     [(o, "weight_decay") for o in ("AdamW", "Lamb", "Adafactor", "Lion")]
 S2_PARTIAL = [(o, "plain") for o in ELEMENTWISE] + \
