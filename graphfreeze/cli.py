@@ -212,10 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphfreeze",
         description="Train only part of a TensorFlow 2 model by rewriting its traced graph.")
-    graphfreeze --version
-        graphfreeze's version, and the TensorFlow, Keras and Python it runs on
-
-    graphfreeze demo [SCENARIO ...] [--list] [--verbose]
+    parser.add_argument("--version", action="version", version=_version_text(),
+                        help="print the graphfreeze, TensorFlow, Keras and Python versions and exit")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show TensorFlow's native logs (kept off the terminal by default)")
+    # Also accepted after the command (graphfreeze demo --verbose); SUPPRESS keeps a flag
+    # given before the command from being reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show TensorFlow's native logs (kept off the terminal by default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", parents=[common],
                           help="run the seed scenarios and print their freeze reports",
