@@ -7,7 +7,7 @@ import functools
 import gc
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from .emit import emit
 from .errors import RuleError, stage
 from .ir import IR
 from .passes import run_pipeline
-from .passes.dependence import analyze
+from .passes.dependence import Dependence, analyze
 from .passes.refusals import (
     custom_gradient_nodes,
     refuse_opaque_ops,
@@ -68,7 +68,8 @@ def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: A
         variables = capture.variable_by_placeholder
         sites = marker_sites(capture, program)
         refuse_unplaced_markers(capture, sites)
-        dep, owners = None, {}
+        dep: Dependence | None = None
+        owners: dict[int, Any] = {}
         if capture.training:
             with stage("the dependence analysis"):
                 dep, owners = analyze(program, sites, variables)
@@ -89,7 +90,7 @@ def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: A
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def _gc_paused() -> Iterator[None]:
     """Pause the cyclic GC while building large networkx graphs (it only adds pauses:
     nothing allocated here is garbage until the rewrite is done)."""
     enabled = gc.isenabled()
@@ -171,6 +172,7 @@ class FrozenFunction:
 
     @property
     def cache_size(self) -> int:
+        """How many input signatures have been traced and rewritten so far."""
         return len(self._cache)
 
 

@@ -167,7 +167,7 @@ def program_bodies(original: Program, rewritten: Program, renamed: dict[str, str
     after = _call_tree(rewritten, {**identity, **{new: old for old, new in renamed.items()}})
     bodies = [Body(step_name, "", None, None, original.main, rewritten.main, frozen=frozenset(frozen),
                    traced_shapes=traced_shapes.get("", {}))]
-    by_name = {}
+    by_name: dict[str | None, Body] = {}
     for name in [*before, *(n for n in after if n not in before)]:
         parent, call = before.get(name) or after[name]
         parent_body = by_name.get(parent, bodies[0])

@@ -40,7 +40,12 @@ __all__ = ["cache_frozen_prefix", "FrozenPrefixCache", "CacheError"]
 
 
 class CacheError(FreezeError):
-    """The frozen prefix of this step cannot be cached; the message names the op."""
+    """The frozen prefix of this step cannot be cached; the message names the op.
+
+    >>> gf.cache_frozen_prefix(step, ["hidden1/*"], dataset)            # doctest: +SKIP
+    Traceback (most recent call last):
+    graphfreeze.cache.CacheError: ... a random op ... (strict=False caches up to there)
+    """
 
 
 @dataclass
@@ -57,6 +62,10 @@ class FrozenPrefixCache:
 
     Built by `gf.cache_frozen_prefix`; `fit` / `run_epoch` train, `report()` explains what
     is cached, `dataset` is the cached `tf.data.Dataset` of frontier activations.
+
+    >>> trainer = gf.cache_frozen_prefix(model, ["*", gf.Unfreeze("head/*")], dataset)  # doctest: +SKIP
+    >>> print(trainer.report())                                         # doctest: +SKIP
+    >>> history = trainer.fit(epochs=10)                                # doctest: +SKIP
     """
 
     def __init__(self, rewritten: Rewritten, split: _Split, dataset: tf.data.Dataset, model: Any,
@@ -119,6 +128,7 @@ class FrozenPrefixCache:
 
     @property
     def frontier(self) -> Frontier:
+        """Where the cached prefix ends: the tensors cached per batch, and why it stops."""
         return self._split.frontier
 
     def report(self) -> str:
@@ -217,7 +227,7 @@ def cache_frozen_prefix(step_or_model: Callable | Any, rules: RuleLike | Sequenc
     """
     rule_list = _normalize(rules)
     spec = dataset.element_spec
-    model = step_or_model if is_keras_model(step_or_model) else None
+    model: Any = step_or_model if is_keras_model(step_or_model) else None  # a Keras model
     if model is not None:
         fn, unpack = model.train_step, False
         if getattr(model, "optimizer", None) is None:

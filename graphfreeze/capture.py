@@ -16,7 +16,7 @@ import functools
 import gc
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,7 +236,7 @@ def _gradient_markers(recorder: _MarkerRecorder):
 # --------------------------------------------------------------------------- objects
 
 
-def _keras_state_classes() -> tuple[type, ...]:
+def _keras_state_classes() -> tuple[type[Any], ...]:
     """Keras's optimizer and metric base classes (empty if Keras is missing)."""
     try:
         import keras
@@ -300,7 +300,7 @@ def _discover(objects: list[Any]) -> Discovered:
     """Walk Keras models, layers, optimizers, metrics and variables reachable from `objects`."""
     found = Discovered()
     classes = _keras_state_classes()
-    pending = list(objects)
+    pending: list[Any] = list(objects)
     seen: set[int] = set()
     while pending:
         obj = pending.pop()
@@ -387,7 +387,7 @@ def _python_function(fn: Callable) -> tuple[Callable, dict]:
     return fn, {"jit_compile": None, "autograph": True}
 
 
-def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: list[Any] = ()) -> Capture:
+def trace(fn: Callable, args: tuple, kwargs: dict, extra_objects: Sequence[Any] = ()) -> Capture:
     """Trace `fn(*args, **kwargs)` once with gradient markers and describe the result."""
     py_fn, options = _python_function(fn)
     name = getattr(py_fn, "__name__", None) or type(py_fn).__name__

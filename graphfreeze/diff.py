@@ -39,13 +39,16 @@ class Diff:
 
     @property
     def n_added(self) -> int:
+        """Ops added, over all types."""
         return sum(self.added.values())
 
     @property
     def n_removed(self) -> int:
+        """Ops removed, over all types."""
         return sum(self.removed.values())
 
     def to_dict(self) -> dict[str, Any]:
+        """The diff as plain JSON-ready data."""
         return {"added": self.added, "removed": self.removed,
                 "inserted": [{"node": n, "op": op, "pass": p} for n, op, p in self.inserted],
                 "modified": self.modified, "functions": self.functions,
@@ -53,6 +56,7 @@ class Diff:
                 "bodies": [b.to_dict() for b in self.bodies]}
 
     def to_json(self, **kwargs: Any) -> str:
+        """`to_dict()` as JSON; keyword arguments go to `json.dumps`."""
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:

@@ -24,7 +24,7 @@ def _variables_of(target: Any) -> list[Any]:
     if resource_variable(target) is not None:
         return [target]
     if isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
-        out = []
+        out: list[Any] = []
         for item in target:
             out.extend(_variables_of(item))
         return out
@@ -37,9 +37,11 @@ def variable_infos(model_or_variables: Any) -> list[VariableInfo]:
     """The variables of a model, layer, tf.Module or list of variables, described as a
     trace would describe them (each once), without tracing anything."""
     metrics = {id(resource_variable(v)) for v in metric_variables(model_or_variables)}
-    seen, infos = set(), []
+    seen: set[int] = set()
+    infos: list[VariableInfo] = []
     for v in _variables_of(model_or_variables):
         var = resource_variable(v)
+        assert var is not None, "_variables_of returns variables only"
         if id(var) in seen:
             continue
         seen.add(id(var))

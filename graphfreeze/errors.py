@@ -27,11 +27,21 @@ class FreezeError(Exception):
 
 
 class RuleError(FreezeError, ValueError):
-    """A rule is malformed or does not fit the variables it targets."""
+    """A rule is malformed or does not fit the variables it targets.
+
+    >>> gf.plan(model, "no_such_layer/*")                               # doctest: +SKIP
+    Traceback (most recent call last):
+    graphfreeze.errors.RuleError: rule 'no_such_layer/*' matches no variable ...
+    """
 
 
 class CaptureError(FreezeError):
-    """The function could not be traced, or its trace has nothing to freeze."""
+    """The function could not be traced, or its trace has nothing to freeze.
+
+    >>> gf.rewrite(lambda x: x * 2, ["*"], tf.constant(1.0))            # doctest: +SKIP
+    Traceback (most recent call last):
+    graphfreeze.errors.CaptureError: ... reads no variable ...
+    """
 
 
 class UnsupportedGraphError(FreezeError):
@@ -40,6 +50,12 @@ class UnsupportedGraphError(FreezeError):
     graphfreeze refuses rather than freezing partially: the message names the op. When the
     cause was an error the rewrite did not anticipate, `original` holds it (it is also the
     `__cause__`, except where Keras's traceback filtering drops that, as in `fit`).
+
+    >>> try:                                                            # doctest: +SKIP
+    ...     model.fit(dataset)                     # after gf.keras.freeze(model, ...)
+    ... except gf.UnsupportedGraphError as e:
+    ...     print(e, e.original)
+    ...     gf.keras.unfreeze(model)               # train without graphfreeze
     """
 
     original: BaseException | None = None

@@ -8,8 +8,9 @@ reductions) element, bookkeeping ops as free.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from math import prod
+from typing import Any
 
 import networkx as nx
 
@@ -29,7 +30,7 @@ CONVOLUTIONS = frozenset({"Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter
                           "DepthwiseConv2dNativeBackpropFilter"})
 
 
-def _size(shape) -> int | None:
+def _size(shape: Sequence[Any] | None) -> int | None:  # dims: int, or None when unknown
     if shape is None or any(d is None or d < 0 for d in shape):
         return None
     return prod(shape)
@@ -89,10 +90,11 @@ def op_flops(graph: nx.MultiDiGraph, node: str, traced: Mapping[str, list] | Non
             grad, filt = (ins[2] if len(ins) > 2 else None), (ins[1] if len(ins) > 1 else None)
         else:
             grad, filt = (outs[0] if outs else None), (ins[1] if len(ins) > 1 else None)
-        if _size(grad) is None or filt is None or len(filt) < 3:
+        grad_size = _size(grad)
+        if grad_size is None or filt is None or len(filt) < 3:
             return None
         window = prod(filt[:-2]) * (1 if op.startswith("Depthwise") else filt[-2])
-        return 2 * _size(grad) * window
+        return 2 * grad_size * window
     if op in REDUCTIONS:
         return _size(ins[0]) if ins else None
     return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import networkx as nx
@@ -89,7 +89,8 @@ class IR:
         """Build from a GraphDef; `meta` maps node name -> (output dtypes, output shapes)."""
         meta = meta or {}
         g = nx.MultiDiGraph()
-        nodes, edges = [], []
+        nodes: list[tuple[str, dict[str, Any]]] = []
+        edges: list[tuple[str, str, str | int, dict[str, Any]]] = []
         for i, nd in enumerate(graph_def.node):
             dtypes, shapes = meta.get(nd.name, ((), ()))
             nodes.append((nd.name, {"op": nd.op, "nodedef": nd, "order": float(i),
@@ -322,7 +323,7 @@ class IR:
             memo[n] = frozenset(found)
             return memo[n]
 
-        rewires = []
+        rewires: list[tuple[str, str]] = []
         for n in doomed:
             for _, dst, attrs in g.out_edges(n, data=True):
                 if attrs["control"] and dst not in doomed:
@@ -331,14 +332,14 @@ class IR:
         for src, dst in rewires:
             self.add_control_edge(src, dst)
 
-    def shrink_identity_n(self, node: str, keep: Sequence[int]) -> None:
+    def shrink_identity_n(self, node: str, keep: Collection[int]) -> None:
         """Keep only outputs `keep` (and their matching inputs) of an IdentityN node."""
         kept = set(keep)
         n = len(self.nodedef(node).attr["T"].list.type)  # inputs of dead outputs may be gone
         self.drop_inputs(node, [k for k in range(n) if k not in kept], list_attr="T")
         self.keep_outputs(node, keep)
 
-    def keep_outputs(self, node: str, keep: Sequence[int]) -> None:
+    def keep_outputs(self, node: str, keep: Iterable[int]) -> None:
         """Renumber a node's outputs to `keep` (in order); dropped outputs must be unused."""
         keep = sorted(keep)
         new_index = {old: new for new, old in enumerate(keep)}

@@ -157,7 +157,10 @@ def freeze(model: Any, *rules: RuleLike, batchnorm_inference: bool = False,
 
 
 def unfreeze(model: Any) -> Any:
-    """Remove the rules: the next `fit` trains everything again. Returns the model."""
+    """Remove the rules: the next `fit` trains everything again. Returns the model.
+
+    >>> gf.keras.unfreeze(model).fit(dataset, epochs=1)                 # doctest: +SKIP
+    """
     _check_model(model)
     if _routing(model) is not None:
         object.__delattr__(model, "make_train_function")
@@ -166,19 +169,31 @@ def unfreeze(model: Any) -> Any:
 
 
 def frozen_step(model: Any) -> FrozenFunction | None:
-    """The graphfreeze step a frozen model trains with (after its first fit), or None."""
+    """The graphfreeze step a frozen model trains with (after its first fit), or None.
+
+    >>> gf.keras.frozen_step(model).cache_size                          # doctest: +SKIP
+    1
+    """
     routing = _routing(model)
     return routing.step if routing is not None else None
 
 
 def rules(model: Any) -> list:
-    """The rules a model is frozen with (empty when it is not)."""
+    """The rules a model is frozen with (empty when it is not).
+
+    >>> gf.keras.freeze(model, "encoder/*"); gf.keras.rules(model)      # doctest: +SKIP
+    ['encoder/*']
+    """
     routing = _routing(model)
     return list(routing.rules) if routing is not None else []
 
 
 def rewritten(model: Any) -> Rewritten | None:
     """The most recent rewrite of the model's train step (for `report()`, `diff()`, ...),
-    or None before the first `fit` after freezing."""
+    or None before the first `fit` after freezing.
+
+    >>> model.fit(dataset, epochs=1)                                    # doctest: +SKIP
+    >>> print(gf.keras.rewritten(model).report())                       # doctest: +SKIP
+    """
     step = frozen_step(model)
     return step.latest if step is not None else None

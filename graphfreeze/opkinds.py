@@ -86,7 +86,7 @@ def output_arg_names(nodedef, signatures: dict) -> list[str]:
     op_def = signatures.get(nodedef.op) or op_def_registry.get(nodedef.op)
     if op_def is None:
         raise KeyError(nodedef.op)
-    names = []
+    names: list[str] = []
     for arg in op_def.output_arg:
         if arg.number_attr:
             count = nodedef.attr[arg.number_attr].i

@@ -32,7 +32,7 @@ MarkerSite = tuple[Any, Marker, VariableInfo]  # (the IR holding it, marker, its
 def marker_sites(capture: Capture, program: Any) -> list[MarkerSite]:
     """Every gradient marker with the graph it sits in (the step, or a body) and its variable."""
     by_var = {id(v.variable): v for v in capture.variables}
-    sites = []
+    sites: list[MarkerSite] = []
     for m in capture.markers:
         var = by_var.get(id(m.variable))
         graphs = [program.main] if m.functions is None else \

@@ -42,7 +42,7 @@ class Use(NamedTuple):
 
     ir: IR
     node: str
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index(), never called on a Use
 
 
 def _called_functions(node_defs: Iterable[Any]) -> set[str]:
@@ -98,7 +98,7 @@ class Program:
         self.fdefs = {f.signature.name: f for f in main.library.function}
         self.signatures = {name: f.signature for name, f in self.fdefs.items()}
         self.bodies: dict[str, IR] = {}
-        self.call_sites: dict[str, list[tuple[IR, str, Callee]]] = defaultdict(list)
+        self.call_sites: dict[str | None, list[tuple[IR, str, Callee]]] = defaultdict(list)
         self._scope: tf.Graph | None = None
         self._load_reachable()
         self._scope = None  # only needed while loading; it holds a copy of the library

@@ -18,8 +18,9 @@ import re
 import shutil
 import subprocess
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
@@ -27,6 +28,10 @@ from .bodies import Body
 from .errors import FreezeError
 from .ir import RETVAL
 from .text import format_shape, human
+
+if TYPE_CHECKING:  # the report and diff modules need nothing from here at run time
+    from .diff import Diff
+    from .report import Report
 
 KINDS = ("frozen", "inserted", "removed", "plain")
 # Constants, control-only groupings and a body's synthetic return nodes add clutter, not
@@ -37,7 +42,13 @@ STROKE = {"frozen": "#08519c", "inserted": "#e6550d", "removed": "#999999", "pla
 
 
 class RenderError(FreezeError, RuntimeError):
-    """A picture could not be produced (e.g. Graphviz's `dot` is not installed)."""
+    """A picture could not be produced (e.g. Graphviz's `dot` is not installed).
+
+    >>> try:                                                            # doctest: +SKIP
+    ...     rw.render("step.svg")
+    ... except gf.RenderError:
+    ...     rw.to_html("step.html")                # the built-in layout needs no Graphviz
+    """
 
 
 @dataclass
@@ -125,7 +136,7 @@ def _virtual_groups(key: str, children: dict[str, list[str]], room: int) -> dict
     return best
 
 
-def _children(key: str, depth: int, members: list[str], roots: set[str],
+def _children(key: str, depth: int, members: list[str], roots: Set[str],
               ops: dict[str, str]) -> dict[str, list[str]]:
     """The next level of scopes under `key`. In a function's own top level (the step's, or a
     body's) many unscoped ops are grouped by their name's stem (gradient AddN_0..N), or by
@@ -147,7 +158,7 @@ def _children(key: str, depth: int, members: list[str], roots: set[str],
     return children
 
 
-def _collapse(names: list[str], budget: int, roots: set[str] = frozenset(),
+def _collapse(names: list[str], budget: int, roots: Set[str] = frozenset(),
               ops: dict[str, str] | None = None) -> dict[str, str]:
     """node -> group key: split scopes, largest first, while the picture fits `budget`.
 
@@ -274,6 +285,7 @@ def picture(bodies: Sequence[Body], budget: int = 40) -> Picture:
 
 def _call_key(body: Body) -> str:
     """The picture node of the op that calls `body`, in its caller's region."""
+    assert body.call_node is not None, "the step itself has no calling op"
     parent = body.path.rpartition("/")[0]
     return f"{parent}/{body.call_node}" if parent else body.call_node
 
@@ -482,7 +494,7 @@ pre { background: #f7f7f7; padding: 8px; font-size: 12px; }
 """
 
 
-def to_html(report, diff, pic: Picture, title: str, svg: str | None = None) -> str:
+def to_html(report: Report, diff: Diff, pic: Picture, title: str, svg: str | None = None) -> str:
     """One self-contained HTML file: the report table, the diff and the picture (`svg`, e.g.
     Graphviz's, or the built-in layout when None)."""
     esc = html.escape

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .bodies import BodyChange, sum_counts
 from .errors import FreezeError
 from .plan import Plan
+from .rules import VariableFreeze
 from .text import count_list, format_shape, human, text_table
+from .variables import VariableInfo
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Report:
 
     @property
     def parameters_frozen(self) -> int:
+        """Frozen entries over all variables."""
         return sum(r.frozen for r in self.rows)
 
     def __iter__(self) -> Iterator[VariableRow]:
@@ -84,13 +87,17 @@ class Report:
 
     @property
     def ops_removed(self) -> int | None:
-        return None if self.ops_before is None else self.ops_before - self.ops_after
+        """Ops before minus ops after the rewrite (None for a dry run, which traces nothing)."""
+        if self.ops_before is None or self.ops_after is None:
+            return None
+        return self.ops_before - self.ops_after
 
     def with_detail(self, detail: str | Sequence[str]) -> Report:
         """The same report, printing the sections `detail` names (see `DETAILS`)."""
         return replace(self, detail=detail_names(detail))
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready data."""
         return {
             "function": self.function, "mode": self.mode,
             "variables": list(self.records()),
@@ -106,6 +113,7 @@ class Report:
         }
 
     def to_json(self, **kwargs: Any) -> str:
+        """`to_dict()` as JSON; keyword arguments go to `json.dumps`."""
         return json.dumps(self.to_dict(), **kwargs)
 
     def summary_lines(self) -> list[str]:
@@ -194,7 +202,7 @@ def program_flops(changes: Sequence[BodyChange]) -> dict[str, int]:
             "unknown": sum(c.unknown_flops for c in changes)}
 
 
-def variable_rows(freezes, pruned_state: dict[str, list[str]]) -> list[VariableRow]:
+def variable_rows(freezes: Iterable[VariableFreeze], pruned_state: dict[str, list[str]]) -> list[VariableRow]:
     owners_pruned = Counter(o for owners in pruned_state.values() for o in owners)
     # A distributed variable is one row, not one per replica component.
     return [VariableRow(vf.variable.path, vf.variable.shape, vf.n_frozen, vf.frozen.size,
@@ -202,7 +210,7 @@ def variable_rows(freezes, pruned_state: dict[str, list[str]]) -> list[VariableR
             if not vf.variable.replica]
 
 
-def trainable_parameters(variables, freezes) -> int:
+def trainable_parameters(variables: Iterable[VariableInfo], freezes: Iterable[VariableFreeze]) -> int:
     """Entries of trainable model variables that are not frozen."""
     frozen = {id(vf.variable): vf.n_frozen for vf in freezes}
     return sum(v.size - frozen.get(id(v), 0) for v in variables

@@ -154,6 +154,7 @@ class Rewritten:
 
     @property
     def ir(self) -> IR:
+        """The rewritten step's top level as graphfreeze's IR (`program.main`)."""
         return self._ir
 
     @property

@@ -198,7 +198,14 @@ def _summarize_indices(indices: Any) -> str:
 
 
 class Rule:
-    """Base class of freeze rules. `entries(var)` selects entries; `freezes` says which way."""
+    """Base class of freeze rules. `entries(var)` selects entries; `freezes` says which way.
+
+    A string, a variable or a layer passed where a rule is expected becomes a `Freeze`; the
+    others are built explicitly and may be mixed freely, later rules overriding earlier ones:
+
+    >>> rules = ["*", gf.Unfreeze(gf.Rows("embedding/embeddings", range(16)))]  # doctest: +SKIP
+    >>> print(gf.plan(model, *rules))                                   # doctest: +SKIP
+    """
 
     freezes: bool = True
 
@@ -207,9 +214,11 @@ class Rule:
         self.target = target
 
     def entries(self, var: VariableInfo) -> np.ndarray:
+        """A boolean array of `var`'s shape: True where this rule applies."""
         raise NotImplementedError
 
     def describe(self) -> str:
+        """The rule as written (also its `repr`), for reports and error messages."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

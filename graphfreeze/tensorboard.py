@@ -56,7 +56,7 @@ def program_graph_def(bodies: Sequence[Body], *, rewritten: bool = True) -> Any:
         prefix = f"{body.path}/" if body.path else ""
         caller = graphs.get(body.parent, (None, None))[1] if body.parent is not None else None
         sources: list[str | None] = []
-        if caller is not None and body.call_node in caller:
+        if caller is not None and body.call_node is not None and body.call_node in caller:
             sources = _argument_sources(caller, body.call_node, ir)
         caller_prefix = f"{body.path.rpartition('/')[0]}/" if "/" in body.path else ""
         fed = {arg: src for arg, src in zip(ir.args, sources) if src is not None}

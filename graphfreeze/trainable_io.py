@@ -179,19 +179,20 @@ def save_trainable(path: str | os.PathLike, model: Any, *rules: RuleLike) -> str
     infos = _model_state(model)
     freeze_rules = [r for r in (as_rule(r) for r in rules) if isinstance(r, _FREEZE_RULES)]
     frozen = {id(vf.variable): vf.frozen for vf in resolve(freeze_rules, infos)} if freeze_rules else {}
-    entries, base = [], []
+    entries: list[_Entry] = []
+    base: list[tuple[str, np.ndarray, np.ndarray | None]] = []
     for info in infos:
         value = np.asarray(info.variable.numpy())
         keep = ~frozen[id(info)] if id(info) in frozen else np.ones(info.shape, dtype=bool)
         base.append((info.path, value, keep))
         if keep.any():
             entries.append(_entry(info, value, keep))
-    header = {
+    header: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "graphfreeze": _version(),
         "entries": [], "base": {
             "variables": [[v.path, v.dtype.name, list(v.shape)] for v in infos],
             "frozen_sha256": _frozen_digest(base)}}
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
     for i, e in enumerate(entries):
         record = {"path": e.path, "dtype": e.dtype, "shape": list(e.shape), "kind": e.kind,
                   "values": f"e{i}.values"}
@@ -218,7 +219,7 @@ def _write_atomically(target: str, arrays: dict[str, np.ndarray]) -> None:
         raise FreezeError(f"cannot write {target!r}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # keys name arrays, never allow_pickle
         os.replace(temporary, target)
     except BaseException as e:
         with contextlib.suppress(OSError):

@@ -50,7 +50,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import keras
 import networkx as nx
@@ -64,10 +64,10 @@ from .variables import resource_variable, variable_path
 __all__ = ["TransferError", "LayerPair", "Unmatched", "MatchReport", "Transferred",
            "match_layers", "transfer", "transfer_report"]
 
-SourceLike = keras.Model | str | os.PathLike
-Architecture = keras.Model | Callable[[], keras.Model]
-GraphMode = Literal["auto", "keras", "traced"]
-Ref = tuple[str, int]   # (producer node key, producer output index)
+SourceLike: TypeAlias = keras.Model | str | os.PathLike[str]
+Architecture: TypeAlias = keras.Model | Callable[[], keras.Model]
+GraphMode: TypeAlias = Literal["auto", "keras", "traced"]
+Ref: TypeAlias = tuple[str, int]   # (producer node key, producer output index)
 
 # Configuration that does not change what a layer computes at inference, or only its
 # starting values: two layers differing in these still share transferable weights.
@@ -81,7 +81,12 @@ _TRANSPARENT_OPS = frozenset({"Identity", "StopGradient"})
 
 class TransferError(FreezeError):
     """A transfer cannot be done: unreadable or incompatible source, no common layer, a
-    checkpoint missing variables. Raised before any target weight changes."""
+    checkpoint missing variables. Raised before any target weight changes.
+
+    >>> gf.transfer("model.weights.h5", new_model)                      # doctest: +SKIP
+    Traceback (most recent call last):
+    graphfreeze.transfer.TransferError: ... holds no graph ... pass architecture= ...
+    """
 
 
 # --------------------------------------------------------------------------- results
@@ -122,6 +127,10 @@ class MatchReport:
     matched call site as ``(source, target, kind)``, weightless ones included; `unmatched`
     holds each target layer with weights left out, plus the weightless nodes where the match
     stopped, with the reason.
+
+    >>> report = gf.transfer_report("pretrained.keras", new_model)      # doctest: +SKIP
+    >>> print(report.summary())                                         # doctest: +SKIP
+    >>> [(p.source.name, p.target.name) for p in report.pairs]          # doctest: +SKIP
     """
 
     source: str
@@ -134,12 +143,14 @@ class MatchReport:
 
     @property
     def parameters(self) -> int:
+        """Parameters in the matched target layers."""
         return sum(p.parameters for p in self.pairs)
 
     def __bool__(self) -> bool:
         return bool(self.pairs)
 
     def summary(self) -> str:
+        """One sentence: how many layers with weights match, and how much structure."""
         weighted = len(self.pairs) + sum(u.weighted for u in self.unmatched)
         if not self.pairs:
             return (f"no common layer: none of the target's {weighted} layer(s) with weights "
@@ -168,6 +179,10 @@ class Transferred(list):
     A plain list for `gf.freeze(*rules)` / `gf.rewrite(fn, rules, ...)`; `.pairs` are the
     copied layers, `.report` the full `MatchReport`, `.source_model` the model the weights
     came from (loaded from the file when the source was a path). ``str()`` shows the table.
+
+    >>> rules = gf.transfer("pretrained.keras", new_model)              # doctest: +SKIP
+    >>> print(rules)                         # the match table          # doctest: +SKIP
+    >>> train_step = gf.freeze(*rules)(train_step)                      # doctest: +SKIP
     """
 
     def __init__(self, rules: Iterable[Any], report: MatchReport, source_model: keras.Model):
@@ -294,6 +309,7 @@ def _functional(model: Any) -> Any | None:
 
 def _keras_graph(model: keras.Model) -> _Graph:
     fn = _functional(model)
+    assert fn is not None, "callers check _functional first"
     graph = _Graph(model.name, "keras layer")
     bindings = {id(kt): (graph.add_input(i, kt.dtype, len(kt.shape)), 0)
                 for i, kt in enumerate(fn.inputs)}
@@ -331,7 +347,7 @@ _RECORD_LOCK = threading.RLock()
 @dataclass(eq=False)
 class _Call:
     layer: Any
-    args: Any
+    args: tuple[tuple[Any, ...], dict[str, Any]]  # (positional, keyword) as the layer got them
     outputs: Any = None
 
 
@@ -409,8 +425,8 @@ class _TraceBuilder:
             if tensors is None or isinstance(call.layer, keras.Model):
                 continue
             inputs = [self._ref(t) for t in tensors]
-            key = self.graph.add_layer_call(call.layer, inputs,
-                                            _call_args(*call.args, lambda x: isinstance(x, tf.Tensor)))
+            config = _call_args(*call.args, is_tensor=lambda x: isinstance(x, tf.Tensor))
+            key = self.graph.add_layer_call(call.layer, inputs, config)
             # Later consumers read this call's outputs, even one that returns its input
             # unchanged (Dropout at inference): the graph keeps the order the model ran in.
             outs = [t for t in tf.nest.flatten(call.outputs) if isinstance(t, tf.Tensor)]
@@ -573,8 +589,8 @@ def _why(source: _Graph, site: _Site, expected: tuple[Ref, ...], candidates: lis
     if s.kind != site.kind:
         return f"layer kind differs: {_short_kind(s.kind)} in the {where}"
     if s.config != site.config:
-        k = sorted(set(s.config) | set(site.config), key=lambda k: (k not in site.config, k))
-        k = next(x for x in k if s.config.get(x) != site.config.get(x))
+        keys = sorted(set(s.config) | set(site.config), key=lambda k: (k not in site.config, k))
+        k = next(x for x in keys if s.config.get(x) != site.config.get(x))
         return (f"config differs: {k} = {site.config.get(k, '(unset)')} here, "
                 f"{s.config.get(k, '(unset)')} in the {where}")
     if s.call != site.call:

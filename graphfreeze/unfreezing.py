@@ -68,7 +68,7 @@ def _rule_set_key(model: Any, rules: list[Rule]) -> tuple:
     """What a rule set freezes, entry by entry: two rule sets that freeze the same entries
     share one train function (and one rewrite)."""
     freezes = resolve(rules, variable_infos(model))
-    return tuple(sorted((vf.variable.path, hashlib.sha256(np.packbits(vf.frozen)).hexdigest())
+    return tuple(sorted((vf.variable.path, hashlib.sha256(np.packbits(vf.frozen).tobytes()).hexdigest())
                         for vf in freezes))
 
 

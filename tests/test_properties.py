@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from references import entry_stop_gradients
 from keras_versions import has_optimizer
+from references import entry_stop_gradients
 
 import graphfreeze as gf
 

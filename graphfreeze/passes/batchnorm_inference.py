@@ -87,8 +87,8 @@ def batchnorm_inference(program: Program, plan: Plan) -> Program:
         for scope, (stats, updates) in by_scope.items():
             _cut_backward(program, ir, plan, scope, stats, updates, marked)
     for ir, by_node in fused.values():
-        for node, stored in by_node.items():
-            _fused_inference(ir, plan, node, stored)
+        for node, stored_by_output in by_node.items():
+            _fused_inference(ir, plan, node, stored_by_output)
     return program
 
 

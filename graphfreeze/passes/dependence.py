@@ -204,8 +204,9 @@ class Dependence:
         axis = ir.const_value(inputs[-1]) if op == "ConcatV2" and len(inputs) > 2 else None
         if axis is not None and int(axis) == 0:
             parts = [self._segments_of(ir, t) for t in inputs[:-1]]
-            if all(p is not None for p in parts):
-                self.segments[(gid, node, 0)] = [seg for p in parts for seg in p]
+            known = [p for p in parts if p is not None]
+            if len(known) == len(parts):
+                self.segments[(gid, node, 0)] = [seg for p in known for seg in p]
                 return True
         elif op in opkinds.POSITION_PRESERVING and inputs:
             packed = [t for t in inputs if (gid, t[0], t[1]) in self.segments]

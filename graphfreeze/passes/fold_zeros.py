@@ -121,7 +121,8 @@ def _drop_neutral_stacked_terms(ir: IR, neutral: dict[str, set[Tensor]]) -> None
 
 def _pack_chain(ir: IR, concat: str) -> tuple[list[str], str] | None:
     """ConcatV2 -> position-preserving ops (the all-reduce) -> SplitV, one consumer each."""
-    chain, node = [], concat
+    chain: list[str] = []
+    node = concat
     while True:
         uses = ir.consumers((node, 0))
         if len(uses) != 1:
@@ -152,18 +153,20 @@ def _unpack_collectives(ir: IR, zeros: set[Tensor], plan: Plan) -> None:
         sizes = ir.inputs(split)[1]
         if ir.op(sizes[0]) not in ("Pack", "Const") or len(ir.graph.nodes[split]["dtypes"]) != len(pieces):
             continue
-        lengths = [ir.shape(t)[0] if ir.shape(t) else None for t in pieces]
-        if None in lengths:
+        lengths = [s[0] if (s := ir.shape(t)) else None for t in pieces]
+        known = [n for n in lengths if n is not None]
+        # Zeros need static shapes: with one unknown, leave the pack as it is (nothing edited yet).
+        dead_shapes = [(k, s) for k in dead if (s := ir.shape((split, k))) is not None]
+        if len(known) != len(lengths) or len(dead_shapes) != len(dead):
             continue
         b = Builder(ir, PASS, split, f"graphfreeze/{PASS}/{split.replace('/', '_')}")
-        for k in dead:  # the pieces the split handed out become local zeros
-            shape = ir.shape((split, k))
+        for k, shape in dead_shapes:  # the pieces the split handed out become local zeros
             ir.replace_uses((split, k), b.zeros(shape, ir.dtype((split, k)), f"zeros_{k}"))
         keep = [k for k in range(len(pieces)) if k not in dead]
         if not keep:  # nothing left to reduce: the whole pack goes
             ir.remove_nodes([concat, *chain, split])
         else:
-            _shrink_pack(ir, concat, chain, split, sizes, dead, keep, lengths)
+            _shrink_pack(ir, concat, chain, split, sizes, dead, keep, known)
         plan.notes.inserted.extend(b.created)
 
 

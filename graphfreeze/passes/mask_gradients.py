@@ -33,7 +33,7 @@ def mask_gradients(program: Program, plan: Plan) -> Program:
         grad = ir.inputs(marker.values)[0]
         dtype = ir.dtype(grad)
         b = Builder(ir, PASS, marker.values, f"graphfreeze/{PASS}/{slug(var.path)}")
-        if marker.sparse:
+        if marker.indices is not None:  # a sparse gradient (marker.sparse)
             indices = (marker.indices, 0)
             if vf.full:
                 new = b.zeros_rows(indices, var.shape[1:], dtype)

@@ -101,7 +101,7 @@ def _value_flow(program: Program, dep: Dependence, placeholder: str,
     variables written with them)."""
     reads = [(use.ir, (use.node, 0)) for use in program.resource_uses(program.main, (placeholder, 0))
              if use.ir.op(use.node) in _VALUE_READS]
-    reaches_gradient, feeds = False, set()
+    reaches_gradient, feeds = False, set[str]()
     visited = {(id(ir), t) for ir, t in reads}
     frontier = reads
     while frontier:
