@@ -44,7 +44,7 @@ class CacheError(FreezeError):
 
     >>> gf.cache_frozen_prefix(step, ["hidden1/*"], dataset)            # doctest: +SKIP
     Traceback (most recent call last):
-    graphfreeze.cache.CacheError: ... a random op ... (strict=False caches up to there)
+    graphfreeze.cache.CacheError: the frozen prefix of step cannot be cached whole: ... strict=False ...
     """
 
 

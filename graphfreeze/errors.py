@@ -31,7 +31,7 @@ class RuleError(FreezeError, ValueError):
 
     >>> gf.plan(model, "no_such_layer/*")                               # doctest: +SKIP
     Traceback (most recent call last):
-    graphfreeze.errors.RuleError: rule 'no_such_layer/*' matches no variable ...
+    graphfreeze.errors.RuleError: rule 'no_such_layer/*' matches no variable read by the function. ...
     """
 
 
@@ -40,7 +40,7 @@ class CaptureError(FreezeError):
 
     >>> gf.rewrite(lambda x: x * 2, ["*"], tf.constant(1.0))            # doctest: +SKIP
     Traceback (most recent call last):
-    graphfreeze.errors.CaptureError: ... reads no variable ...
+    graphfreeze.errors.CaptureError: <lambda> reads no variable, so there is nothing to freeze; ...
     """
 
 

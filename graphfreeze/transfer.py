@@ -85,7 +85,7 @@ class TransferError(FreezeError):
 
     >>> gf.transfer("model.weights.h5", new_model)                      # doctest: +SKIP
     Traceback (most recent call last):
-    graphfreeze.transfer.TransferError: ... holds no graph ... pass architecture= ...
+    graphfreeze.transfer.TransferError: ... it holds weights but no dataflow graph ... Pass architecture= ...
     """
 
 
