@@ -40,7 +40,7 @@ def _normalize(rules: RuleLike | Sequence[RuleLike]) -> list[Rule]:
     return [as_rule(rules)]
 
 
-def rewrite(fn: Callable, rules: RuleLike | Sequence[RuleLike], *example_args: Any,
+def rewrite(fn: Callable[..., Any], rules: RuleLike | Sequence[RuleLike], *example_args: Any,
             batchnorm_inference: bool = False, allow_opaque: bool = False,
             **example_kwargs: Any) -> Rewritten:
     """Trace `fn` with the example arguments and rewrite it so `rules` hold.
@@ -114,7 +114,7 @@ def _leaf_key(leaf: Any) -> Any:
         return ("object", id(leaf))
 
 
-def signature_key(args: tuple, kwargs: dict) -> Any:
+def signature_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A hashable key: structure, tensor dtypes and shapes, and Python values."""
     structure = tf.nest.map_structure(lambda _: 0, (args, kwargs), expand_composites=True)
     leaves = tf.nest.flatten((args, kwargs), expand_composites=True)
@@ -129,8 +129,8 @@ class FrozenFunction:
     >>> train_step(x, y); train_step.rewritten(x, y).report()  # doctest: +SKIP
     """
 
-    def __init__(self, fn: Callable, rules: Sequence[RuleLike], *, batchnorm_inference: bool = False,
-                 allow_opaque: bool = False):
+    def __init__(self, fn: Callable[..., Any], rules: Sequence[RuleLike], *,
+                 batchnorm_inference: bool = False, allow_opaque: bool = False):
         self.python_function = fn
         self.rules = _normalize(list(rules))
         self.batchnorm_inference = batchnorm_inference
@@ -138,7 +138,7 @@ class FrozenFunction:
         self._cache: dict[Any, Rewritten] = {}
         self.latest: Rewritten | None = None   # the rewrite used most recently
         self._lock = threading.Lock()
-        self._bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._bound: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         functools.update_wrapper(self, fn)
 
     def rewritten(self, *args: Any, **kwargs: Any) -> Rewritten:
@@ -177,7 +177,7 @@ class FrozenFunction:
 
 
 def freeze(*rules: RuleLike, batchnorm_inference: bool = False,
-           allow_opaque: bool = False) -> Callable[[Callable], FrozenFunction]:
+           allow_opaque: bool = False) -> Callable[[Callable[..., Any]], FrozenFunction]:
     """Decorator: the step runs with `rules` frozen. Rules are checked here and at first call.
 
     `batchnorm_inference=True`: frozen BatchNorm layers run in inference mode (see `rewrite`).
@@ -193,7 +193,7 @@ def freeze(*rules: RuleLike, batchnorm_inference: bool = False,
                         "@gf.freeze('hidden1/*') above the step, not a bare @gf.freeze.")
     checked = _normalize(list(rules))
 
-    def decorate(fn: Callable) -> FrozenFunction:
+    def decorate(fn: Callable[..., Any]) -> FrozenFunction:
         return FrozenFunction(fn, checked, batchnorm_inference=batchnorm_inference,
                               allow_opaque=allow_opaque)
 

@@ -97,7 +97,7 @@ class FrozenPrefixCache:
         """Run the step's suffix on one cached batch (updates the model's variables)."""
         return self._split.suffix(*frontier_values)
 
-    def run_epoch(self, shuffle: bool = False, seed: int | None = None) -> list:
+    def run_epoch(self, shuffle: bool = False, seed: int | None = None) -> list[Any]:
         """One pass over the cached batches; returns every step's outputs."""
         data = self.dataset.shuffle(self.batches, seed=seed) if shuffle else self.dataset
         return [self._split.suffix(*batch) for batch in data]
@@ -206,7 +206,7 @@ def _split_step(rw: Rewritten, strict: bool) -> _Split:
     return _Split(prefix, suffix, frontier, prefix_ops, len(suffix_ir))
 
 
-def cache_frozen_prefix(step_or_model: Callable | Any, rules: RuleLike | Sequence[RuleLike],
+def cache_frozen_prefix(step_or_model: Callable[..., Any] | Any, rules: RuleLike | Sequence[RuleLike],
                         dataset: tf.data.Dataset, *, cache: str = "",
                         batchnorm_inference: bool = False, strict: bool = True,
                         verbose: int = 1) -> FrozenPrefixCache:

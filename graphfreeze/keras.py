@@ -37,7 +37,7 @@ from .api import FrozenFunction
 from .dryrun import plan
 from .errors import RuleError, UnsupportedGraphError
 from .rewritten import Rewritten
-from .rules import RuleLike, as_rule
+from .rules import Rule, RuleLike, as_rule
 from .unfreezing import GradualUnfreezing
 from .variables import is_keras_model
 
@@ -84,7 +84,7 @@ def _is_step_function(value: Any) -> bool:
 class _Routing:
     """Per-model state: the rules, and Keras's own make_train_function to build with."""
 
-    def __init__(self, model: Any, rules: list, batchnorm_inference: bool, allow_opaque: bool):
+    def __init__(self, model: Any, rules: list[Rule], batchnorm_inference: bool, allow_opaque: bool):
         self.model = model
         self.rules = rules
         self.batchnorm_inference = batchnorm_inference
@@ -102,7 +102,8 @@ class _Routing:
         return model.train_function
 
 
-def route_train_function(model: Any, make_step: Callable[[Callable], FrozenFunction]) -> FrozenFunction:
+def route_train_function(model: Any,
+                         make_step: Callable[[Callable[..., Any]], FrozenFunction]) -> FrozenFunction:
     """Have Keras build `model.train_function` exactly as usual, then swap the per-step
     function inside it for `make_step(per_step_function)`; returns that FrozenFunction."""
     if keras_legacy.is_tf_keras_model(model):
@@ -178,7 +179,7 @@ def frozen_step(model: Any) -> FrozenFunction | None:
     return routing.step if routing is not None else None
 
 
-def rules(model: Any) -> list:
+def rules(model: Any) -> list[Rule]:
     """The rules a model is frozen with (empty when it is not).
 
     >>> gf.keras.freeze(model, "encoder/*"); gf.keras.rules(model)      # doctest: +SKIP

@@ -18,9 +18,9 @@ import re
 import shutil
 import subprocess
 from collections import Counter, defaultdict
-from collections.abc import Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
@@ -57,7 +57,7 @@ class Box:
 
     key: str
     members: list[str] = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
     order: float = 0.0
     op: str = ""
     scope: str = ""   # the function body's region it is drawn in; its labels omit that prefix
@@ -215,7 +215,7 @@ class Cluster:
     name: str                  # the function's name
     parent: str                # the enclosing cluster's path ("" = the step's top level)
     call: str | None           # the box holding the op that calls it, in the enclosing cluster
-    counts: Counter = field(default_factory=Counter)  # kinds of its own ops (not nested bodies')
+    counts: Counter[str] = field(default_factory=Counter)  # kinds of its own ops (not nested bodies')
 
     @property
     def kind(self) -> str:
@@ -228,7 +228,8 @@ class Cluster:
         return f"{self.name} ({n} ops{f', {gone} removed' if gone else ''})"
 
 
-def _members(bodies: Sequence[Body]) -> tuple[dict, dict, dict, list]:
+def _members(bodies: Sequence[Body]) -> tuple[dict[str, str], dict[str, float], dict[str, str],
+                                              list[tuple[str, str]]]:
     """kind, order, op per picture node (a body's nodes named `<body path>/<node>`) and
     the edges, from each body's rewritten graph plus what only its original had."""
     kind, order, op, edges = {}, {}, {}, []
@@ -266,7 +267,7 @@ def picture(bodies: Sequence[Body], budget: int = 40) -> Picture:
     home = {key: _home(key, roots) for key in boxes}
     for key, box in boxes.items():
         box.scope = home[key]
-    own: dict[str, Counter] = defaultdict(Counter)  # body path -> kinds of its own ops
+    own: dict[str, Counter[str]] = defaultdict(Counter)  # body path -> kinds of its own ops
     for n, k in kind.items():
         own[_home(n, roots)][k] += 1
     clusters = {}
@@ -290,7 +291,7 @@ def _call_key(body: Body) -> str:
     return f"{parent}/{body.call_node}" if parent else body.call_node
 
 
-def _home(key: str, roots: dict) -> str:
+def _home(key: str, roots: Mapping[str, Any]) -> str:
     """The deepest body region a box is drawn in ("" = the step): the longest root that is
     a proper scope prefix of its key."""
     parts = key.split("/")
@@ -351,7 +352,7 @@ def to_dot(pic: Picture, title: str = "graphfreeze") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_dot(dot_text: str, *args: str) -> subprocess.CompletedProcess | None:
+def _run_dot(dot_text: str, *args: str) -> subprocess.CompletedProcess[bytes] | None:
     """Graphviz's `dot` run on DOT text; None when it is not installed."""
     exe = shutil.which("dot")
     if exe is None:
@@ -408,7 +409,8 @@ def _rows(pic: Picture, keys: list[str]) -> list[list[str]]:
             for i in range(0, len(per_layer[y]), _PER_ROW)]
 
 
-def _place(pic: Picture, path: str) -> tuple[float, float, dict, list]:
+def _place(pic: Picture, path: str) -> tuple[float, float, dict[str, tuple[float, float]],
+                                            list[tuple[str, float, float, float, float]]]:
     """Lay out region `path`: its boxes in rows, then each body it calls as a framed region
     below them. Returns (width, height, box -> (x, y), [(cluster, x, y, w, h)]), relative."""
     keys, children = pic.region(path)

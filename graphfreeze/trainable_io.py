@@ -163,7 +163,7 @@ def _storable(values: np.ndarray) -> np.ndarray:
     return values if values.dtype.isbuiltin == 1 else values.view(f"u{values.dtype.itemsize}")
 
 
-def save_trainable(path: str | os.PathLike, model: Any, *rules: RuleLike) -> str:
+def save_trainable(path: str | os.PathLike[str], model: Any, *rules: RuleLike) -> str:
     """Write what `rules` leave trainable in `model` to `path`; returns the path.
 
     Whole variables are written whole, variables with frozen rows or columns as indices
@@ -275,7 +275,7 @@ class _File:
     def error(self, what: str) -> FreezeError:
         return FreezeError(f"trainable file {self.path!r} {what}; nothing was loaded.")
 
-    def _list(self, record: dict, key: str) -> list:
+    def _list(self, record: dict[str, Any], key: str) -> list[Any]:
         value = record.get(key)
         if not isinstance(value, list):
             raise self.error(f"has a malformed header (no list {key!r})")
@@ -331,7 +331,7 @@ def _is_shape(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(d, int) and d >= 0 for d in value)
 
 
-def load_trainable(path: str | os.PathLike, model: Any, *, check_base: bool = True) -> list[str]:
+def load_trainable(path: str | os.PathLike[str], model: Any, *, check_base: bool = True) -> list[str]:
     """Write the entries a `save_trainable` file holds into `model`; returns the paths of
     the variables written.
 

@@ -173,7 +173,7 @@ class MatchReport:
         return "\n".join(lines)
 
 
-class Transferred(list):
+class Transferred(list[Any]):
     """The rules `transfer` returns (target layers to freeze), plus what it did.
 
     A plain list for `gf.freeze(*rules)` / `gf.rewrite(fn, rules, ...)`; `.pairs` are the
@@ -367,7 +367,7 @@ class _CallRecorder:
             return False
         return not self._stack or isinstance(self._stack[-1].layer, keras.Model)
 
-    def wrap(self, original: Callable) -> Callable:
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def __call__(layer: Any, *args: Any, **kwargs: Any) -> Any:
             if not self._recording():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import keras
 import numpy as np
@@ -23,6 +23,9 @@ from .dryrun import variable_infos
 from .errors import FreezeError, RuleError
 from .rules import Rule, RuleLike, as_rule, resolve
 from .variables import is_keras_model
+
+# What a rule set freezes, entry by entry: (variable path, SHA-256 of its frozen mask) pairs.
+RuleSetKey: TypeAlias = tuple[tuple[str, str], ...]
 
 
 def layers_with_weights(model: Any) -> list[Any]:
@@ -64,7 +67,7 @@ def _check_schedule(schedule: Any) -> list[tuple[int, list[Rule]]]:
     return stages
 
 
-def _rule_set_key(model: Any, rules: list[Rule]) -> tuple:
+def _rule_set_key(model: Any, rules: list[Rule]) -> RuleSetKey:
     """What a rule set freezes, entry by entry: two rule sets that freeze the same entries
     share one train function (and one rewrite)."""
     freezes = resolve(rules, variable_infos(model))
@@ -93,11 +96,11 @@ class GradualUnfreezing(keras.callbacks.Callback):
         self.schedule = _check_schedule(schedule)
         self.batchnorm_inference = batchnorm_inference
         self.allow_opaque = allow_opaque
-        self._steps: dict[tuple, FrozenFunction] = {}  # rule set -> its step (rewrites cached)
-        self._functions: dict[tuple, Any] = {}        # rule set -> its train function
-        self._keys: list[tuple] = []                  # per stage of the schedule
+        self._steps: dict[RuleSetKey, FrozenFunction] = {}  # rule set -> its step (rewrites cached)
+        self._functions: dict[RuleSetKey, Any] = {}        # rule set -> its train function
+        self._keys: list[RuleSetKey] = []                  # per stage of the schedule
         self._keras_function: Any = None              # the train function fit built
-        self._active: tuple | None = None
+        self._active: RuleSetKey | None = None
 
     @classmethod
     def top_down(cls, model: Any, groups: int | Sequence[Any], every: int = 1, *,
@@ -167,7 +170,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ switching
 
-    def _activate(self, key: tuple, rules: list[Rule]) -> None:
+    def _activate(self, key: RuleSetKey, rules: list[Rule]) -> None:
         """Put the train function of one rule set in force: the only place rule sets switch."""
         if key == self._active:
             return
@@ -177,7 +180,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
         self.model.train_function = function
         self._active = key
 
-    def _build(self, key: tuple, rules: list[Rule]) -> Any:
+    def _build(self, key: RuleSetKey, rules: list[Rule]) -> Any:
         from .keras import route_train_function
 
         model = self.model
