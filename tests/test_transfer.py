@@ -12,7 +12,8 @@ import tensorflow as tf
 from conftest import batches, make_step, snapshot
 
 import graphfreeze as gf
-from graphfreeze.transfer import LayerPair, TransferError, _copy, match_layers, transfer, transfer_report
+from graphfreeze.transfer import LayerPair, TransferError, match_layers, transfer, transfer_report
+from graphfreeze.transfer.api import _copy
 
 
 def dense_stack(names, units=(8, 8, 8, 3), acts=("relu", "tanh", "relu", None), width=5, seed=0):
