@@ -16,7 +16,7 @@ from .text import count_list, format_shape, human, text_table
 
 @dataclass(frozen=True)
 class VariableRow:
-    """One frozen variable."""
+    """One frozen variable, or one whose updates a gf.Scale rule scales."""
 
     path: str
     shape: tuple[int, ...]
@@ -24,6 +24,7 @@ class VariableRow:
     total: int
     rules: tuple[str, ...]
     state_pruned: bool
+    factor: str = "-"  # gf.Scale factor of the trainable entries ('0.1', or 'min..max')
 
     @property
     def fully_frozen(self) -> bool:
@@ -138,9 +139,11 @@ class Report:
         return out
 
     def __str__(self) -> str:
-        header = ("variable", "shape", "frozen/total", "state", "rule(s)")
+        scaled = any(r.factor != "-" for r in self.rows)
+        header = ("variable", "shape", "frozen/total", "state", *(("factor",) if scaled else ()),
+                  "rule(s)")
         body = [(r.path, format_shape(r.shape), f"{r.frozen}/{r.total}", r.state,
-                 "; ".join(r.rules)) for r in self.rows]
+                 *((r.factor,) if scaled else ()), "; ".join(r.rules)) for r in self.rows]
         out = [f"graphfreeze report for {self.function} ({self.mode})", *text_table(header, body)]
         if not body:
             out.append("(nothing frozen)")
@@ -194,12 +197,19 @@ def program_flops(changes: Sequence[BodyChange]) -> dict[str, int]:
             "unknown": sum(c.unknown_flops for c in changes)}
 
 
-def variable_rows(freezes, pruned_state: dict[str, list[str]]) -> list[VariableRow]:
+def variable_rows(freezes, pruned_state: dict[str, list[str]], scales=()) -> list[VariableRow]:
+    """One row per frozen or scaled variable: the frozen ones first, in rule order."""
     owners_pruned = Counter(o for owners in pruned_state.values() for o in owners)
+    factor = {id(vs.variable): vs.describe() for vs in scales}
+    frozen = {id(vf.variable) for vf in freezes}
+    rows = [(vf.variable, VariableRow(
+        vf.variable.path, vf.variable.shape, vf.n_frozen, vf.frozen.size, tuple(vf.rules),
+        owners_pruned[vf.variable.path] > 0, factor.get(id(vf.variable), "-"))) for vf in freezes]
+    rows += [(vs.variable, VariableRow(vs.variable.path, vs.variable.shape, 0, vs.factor.size,
+                                       tuple(vs.rules), False, factor[id(vs.variable)]))
+             for vs in scales if id(vs.variable) not in frozen]
     # A distributed variable is one row, not one per replica component.
-    return [VariableRow(vf.variable.path, vf.variable.shape, vf.n_frozen, vf.frozen.size,
-                        tuple(vf.rules), owners_pruned[vf.variable.path] > 0) for vf in freezes
-            if not vf.variable.replica]
+    return [row for var, row in rows if not var.replica]
 
 
 def trainable_parameters(variables, freezes) -> int:
@@ -213,7 +223,8 @@ def build_report(plan: Plan, changes: Sequence[BodyChange],
                  detail: str | Sequence[str] = "summary") -> Report:
     """The report of a rewrite; `changes` has one entry per function, the step first."""
     return Report(plan.capture.function_name, "training step" if plan.training else "forward function",
-                  variable_rows(plan.freezes, plan.notes.pruned_state), dict(plan.notes.pruned_state),
+                  variable_rows(plan.freezes, plan.notes.pruned_state, plan.scales),
+                  dict(plan.notes.pruned_state),
                   sum(c.ops_before for c in changes), sum(c.ops_after for c in changes),
                   trainable_parameters(plan.capture.variables, plan.freezes),
                   program_flops(changes), sum_counts(c.removed for c in changes),
