@@ -219,14 +219,12 @@ def layer_rows(rows: Sequence[VariableRow]) -> list[VariableRow]:
         groups.setdefault(r.path.rsplit("/", 1)[0] if "/" in r.path else r.path, []).append(r)
     out = []
     for layer, members in groups.items():
-        pruned = [m.state_pruned for m in members]
         factors = list(dict.fromkeys(m.factor for m in members))
         out.append(VariableRow(
             layer, tuple(m.total for m in members), sum(m.frozen for m in members),
             sum(m.total for m in members), tuple(dict.fromkeys(x for m in members for x in m.rules)),
-            all(pruned), "/".join(factors) if len(factors) > 1 else factors[0]))
-        if any(pruned) and not all(pruned):
-            out[-1] = replace(out[-1], rules=out[-1].rules + ("(state of some variables pruned)",))
+            any(m.state_pruned for m in members),  # statistics have no optimizer state
+            "/".join(factors) if len(factors) > 1 else factors[0]))
     return out
 
 

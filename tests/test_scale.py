@@ -299,3 +299,14 @@ def test_report_lists_scaled_variables_with_their_factor():
     assert rows["sequential/hidden2/kernel"].frozen == 0
     assert rows["sequential/hidden2/kernel"].factor == "0.1..1"
     assert rw.report().to_dict()["variables"][-1]["factor"] == "0.1..1"
+
+
+def test_save_trainable_counts_scaled_entries_as_trainable(tmp_path):
+    model = _model()
+    path = tmp_path / "head.npz"
+    gf.save_trainable(path, model, "*", gf.Scale("out/*", 0.1), gf.Scale("hidden2/bias", 0))
+    saved = snapshot(model.weights)
+    for v in model.get_layer("out").weights:
+        v.assign(v + 1.0)
+    gf.load_trainable(path, model)  # the file holds exactly the layer that trains
+    assert all(np.array_equal(v.numpy(), saved[v.path]) for v in model.weights)
