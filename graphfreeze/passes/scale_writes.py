@@ -90,6 +90,11 @@ def _scale(ir: IR, plan: Plan, node: str, vs: VariableScale) -> None:
             f"{vs.describe()}; graphfreeze scales Assign*, ResourceScatter{{Add,Sub,Update}} and "
             f"their Nd forms, not {kind}. Use a Keras 3 optimizer, or give it its own optimizer "
             "with a scaled learning rate.")
+    if not op.startswith("ResourceScatter"):  # a whole-variable write: every value has its shape
+        for name in b.created:
+            data = ir.graph.nodes[name]
+            if data["op"] != "Const" and data["shapes"] == [None]:
+                data["shapes"] = [tuple(var.shape)]
     plan.notes.inserted.extend(b.created)
 
 
