@@ -310,3 +310,17 @@ def test_save_trainable_counts_scaled_entries_as_trainable(tmp_path):
         v.assign(v + 1.0)
     gf.load_trainable(path, model)  # the file holds exactly the layer that trains
     assert all(np.array_equal(v.numpy(), saved[v.path]) for v in model.weights)
+
+
+def test_gradual_unfreezing_tells_rule_sets_apart_by_their_factors():
+    x = np.concatenate([d[0] for d in DATA])
+    y = np.concatenate([d[1] for d in DATA])
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    schedule = gf.keras.GradualUnfreezing({0: [gf.Scale("hidden1/*", 0.5)],
+                                           1: [gf.Scale("hidden1/*", 0.0625)],
+                                           2: [gf.Scale(model.get_layer("hidden1"), 0.5)]})
+    model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=[schedule])
+    assert len(schedule.steps) == 2  # 0.5 twice (spelled two ways) is one rule set
+    factors = [{r.path: r.factor for r in step.latest.report()} for step in schedule.steps]
+    assert [f["sequential/hidden1/kernel"] for f in factors] == ["0.5", "0.0625"]
