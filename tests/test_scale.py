@@ -324,3 +324,34 @@ def test_gradual_unfreezing_tells_rule_sets_apart_by_their_factors():
     assert len(schedule.steps) == 2  # 0.5 twice (spelled two ways) is one rule set
     factors = [{r.path: r.factor for r in step.latest.report()} for step in schedule.steps]
     assert [f["sequential/hidden1/kernel"] for f in factors] == ["0.5", "0.0625"]
+
+
+def test_frozen_inf_entry_of_a_scaled_variable_stays_bitwise():
+    """S7: frozen entries are selected, never multiplied: an inf row (never looked up) of a
+    table whose other rows train at half rate under AdamW's weight decay stays inf."""
+    model = _embedding_model()
+    table = model.get_layer("emb").embeddings
+    table.assign(tf.tensor_scatter_nd_update(table, [[19]], [[np.inf] * 4]))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 19, (8, 5)).astype("int32")
+    step = gf.freeze(gf.Scale("emb/embeddings", 0.5), gf.Rows("emb/embeddings", [19]))(
+        make_step(model, keras.optimizers.AdamW(1e-2, weight_decay=0.1)))
+    before = table.numpy().copy()
+    for _ in range(3):
+        step(ids, rng.normal(size=(8, 2)).astype("float32"))
+    after = table.numpy()
+    assert np.array_equal(after[19], before[19]) and np.isinf(after[19]).all()
+    assert np.isfinite(after[:19]).all() and not np.array_equal(after[:19], before[:19])
+
+
+def test_fused_apply_kernel_is_refused_by_name():
+    v = tf.Variable(np.ones(3, np.float32), name="w")
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(v * x)
+        tf.raw_ops.ResourceApplyGradientDescent(var=v.handle, alpha=0.1, delta=tape.gradient(loss, v))
+        return loss
+
+    with pytest.raises(gf.UnsupportedGraphError, match="ResourceApplyGradientDescent.*Scale"):
+        gf.rewrite(step, [gf.Scale("w", 0.5)], tf.ones(3))
