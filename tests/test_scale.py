@@ -355,3 +355,48 @@ def test_fused_apply_kernel_is_refused_by_name():
 
     with pytest.raises(gf.UnsupportedGraphError, match="ResourceApplyGradientDescent.*Scale"):
         gf.rewrite(step, [gf.Scale("w", 0.5)], tf.ones(3))
+
+
+def test_mirrored_strategy_scales_every_replica():
+    from conftest import mirrored
+
+    strategy = mirrored()
+    with strategy.scope():
+        model, reference = _model(), _model()
+        reference.set_weights(model.get_weights())
+        optimizer = keras.optimizers.AdamW(1e-2, weight_decay=0.05)
+        optimizer.build(model.trainable_variables)
+        h2 = reference.get_layer("hidden2").trainable_variables
+        rest = [v for v in reference.trainable_variables if all(v is not w for w in h2)]
+        slow, plain = keras.optimizers.AdamW(0.25e-2, weight_decay=0.05), \
+            keras.optimizers.AdamW(1e-2, weight_decay=0.05)
+        slow.build(h2)
+        plain.build(rest)
+    step = make_step(model, optimizer)
+
+    def ref_replica_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y, reference(x, training=True))
+        grads = tape.gradient(loss, rest + h2)
+        plain.apply_gradients(zip(grads[:len(rest)], rest))
+        slow.apply_gradients(zip(grads[len(rest):], h2))
+        return loss
+
+    @tf.function
+    def dist_step(x, y):
+        return strategy.reduce("SUM", strategy.run(step, args=(x, y)), axis=None)
+
+    @tf.function
+    def ref_step(x, y):
+        return strategy.reduce("SUM", strategy.run(ref_replica_step, args=(x, y)), axis=None)
+
+    rw = gf.rewrite(dist_step, [gf.Scale("hidden2/*", 0.25)], *DATA[0])
+    for x, y in DATA:
+        rw(x, y)
+        ref_step(x, y)
+    for v, r in zip(model.trainable_variables, reference.trainable_variables):
+        parts = list(getattr(v, "_value", v).values)
+        assert len(parts) == 2
+        for p in parts:
+            _assert_close(p.numpy(), r.numpy(), v.path)
+    assert len(rw.report().rows) == 2  # one row per variable, not per replica
