@@ -116,8 +116,16 @@ def fit(d: dict) -> str:
             + "\n".join(lines))
 
 
+def scale(d: dict) -> str:
+    c = d["config"]
+    return (f"Layer decay {c['decay']} over an MLP of {c['depth']} hidden layers of {c['width']} "
+            f"and a head, batch {c['batch']}, {c['optimizer']} {_median(c)}:\n\n"
+            + _rows(d["seconds_per_step"], d["ratio_vs_per_layer_optimizers"],
+                    "one optimizer per layer"))
+
+
 SECTIONS = {"core": core, "fit": fit, "partial": partial, "corpus": corpus, "transfer": transfer,
-            "distribute": distribute, "cache": cache}
+            "distribute": distribute, "cache": cache, "scale": scale}
 
 
 def main() -> int:

@@ -12,4 +12,5 @@ SCENARIOS = [
     "conv_backbone_cache",
     "gradual_unfreezing_fit",
     "trainable_tokens_io",
+    "discriminative_finetuning",
 ]

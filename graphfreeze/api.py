@@ -31,6 +31,7 @@ from .plan import Plan, marker_sites
 from .program import Program
 from .rewritten import Rewritten
 from .rules import Rule, RuleLike, as_rule, resolve
+from .scale import resolve_scales
 from .variables import module_variables
 
 
@@ -76,8 +77,9 @@ def rewrite(fn: Callable[..., Any], rules: RuleLike | Sequence[RuleLike], *examp
                 state = optimizer_state(program, dep, sites, variables)
             for p in state:
                 variables[p].optimizer_state = True
-        plan = Plan(capture, resolve(rule_list, capture.variables), sites, dep, owners,
-                    batchnorm_inference=batchnorm_inference)
+        freezes = resolve(rule_list, capture.variables)
+        plan = Plan(capture, freezes, sites, dep, owners, batchnorm_inference=batchnorm_inference,
+                    scales=resolve_scales(rule_list, capture.variables, freezes))
         refuse_opaque_ops(program, plan, allow_opaque)
         refuse_unmarked_writes(program, plan)
         custom = [] if plan.training else custom_gradient_nodes(program)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .report import Report, trainable_parameters, variable_rows
+from .report import Report, all_parameters, trainable_parameters, variable_rows
 from .rules import RuleLike, as_rule, resolve
+from .scale import resolve_scales
 from .variables import (
     VariableInfo,
     is_keras_variable,
@@ -59,7 +60,9 @@ def plan(model_or_variables: Any, *rules: RuleLike) -> Report:
     >>> print(gf.plan(model, "hidden1/*", gf.Rows("emb/embeddings", ids)))   # doctest: +SKIP
     """
     infos = variable_infos(model_or_variables)
-    freezes = resolve([as_rule(r) for r in rules], infos)
+    rule_list = [as_rule(r) for r in rules]
+    freezes = resolve(rule_list, infos)
+    scales = resolve_scales(rule_list, infos, freezes)
     name = getattr(model_or_variables, "name", None) or type(model_or_variables).__name__
-    return Report(str(name), "plan, nothing traced", variable_rows(freezes, {}), {}, None, None,
-                  trainable_parameters(infos, freezes))
+    return Report(str(name), "plan, nothing traced", variable_rows(freezes, {}, scales), {}, None, None,
+                  trainable_parameters(infos, freezes), parameters_total=all_parameters(infos))

@@ -11,6 +11,7 @@ from typing import Any
 
 from .capture import Capture, Marker
 from .rules import VariableFreeze
+from .scale import VariableScale
 from .variables import VariableInfo
 
 
@@ -21,6 +22,7 @@ class Notes:
     inserted: list[str] = field(default_factory=list)           # nodes created by passes
     removed_writes: list[str] = field(default_factory=list)     # write nodes deleted
     guarded_writes: list[str] = field(default_factory=list)     # write nodes masked
+    scaled_writes: list[str] = field(default_factory=list)      # writes scaled (gf.Scale)
     pruned_state: dict[str, list[str]] = field(default_factory=dict)  # slot path -> owners
     dead_nodes: int = 0
     opaque_ops: list[str] = field(default_factory=list)  # allowed with allow_opaque=True
@@ -50,6 +52,7 @@ class Plan:
     gradient_owner: dict[int, VariableInfo] = field(default_factory=dict)  # index -> variable
     batchnorm_inference: bool = False       # run fully frozen BatchNorm in inference mode
     notes: Notes = field(default_factory=Notes)
+    scales: list[VariableScale] = field(default_factory=list)  # gf.Scale factors
 
     def __post_init__(self) -> None:
         self._by_placeholder = {vf.variable.placeholder: vf for vf in self.freezes}

@@ -12,13 +12,14 @@ from .bodies import BodyChange, sum_counts
 from .errors import FreezeError
 from .plan import Plan
 from .rules import VariableFreeze
+from .scale import VariableScale
 from .text import count_list, format_shape, human, text_table
 from .variables import VariableInfo
 
 
 @dataclass(frozen=True)
 class VariableRow:
-    """One frozen variable."""
+    """One frozen variable, or one whose updates a gf.Scale rule scales."""
 
     path: str
     shape: tuple[int, ...]
@@ -26,6 +27,8 @@ class VariableRow:
     total: int
     rules: tuple[str, ...]
     state_pruned: bool
+    factor: str = "-"  # gf.Scale factor of the trainable entries ('0.1', or 'min..max')
+    trainable: bool = True  # a trainable variable (not BatchNorm statistics and the like)
 
     @property
     def fully_frozen(self) -> bool:
@@ -66,6 +69,8 @@ class Report:
     bodies: list[BodyChange] = field(default_factory=list)     # the step first, then its bodies
     detail: tuple[str, ...] = ("summary",)                     # what str() shows, see DETAILS
     opaque_ops: list[str] = field(default_factory=list)        # let through by allow_opaque=True
+    # entries of the trainable variables the function reads (frozen or not); None: unknown
+    parameters_total: int | None = None
 
     @property
     def frozen(self) -> dict[str, int]:
@@ -116,6 +121,21 @@ class Report:
         """`to_dict()` as JSON; keyword arguments go to `json.dumps`."""
         return json.dumps(self.to_dict(), **kwargs)
 
+    def summary(self) -> str:
+        """One line, as PEFT's `print_trainable_parameters`: the entries that train (not
+        frozen) out of every entry of the trainable variables the function reads
+        (non-trainable state such as BatchNorm statistics is not a parameter).
+
+        >>> rw.report().summary()                 # doctest: +SKIP
+        'trainable params: 6,405 || all params: 416,613 || trainable%: 1.5376'
+        """
+        total = self.parameters_total
+        if total is None:
+            total = self.trainable_total + sum(r.frozen for r in self.rows if r.trainable)
+        share = 100 * self.trainable_total / total if total else 0.0
+        return (f"trainable params: {self.trainable_total:,} || all params: {total:,} || "
+                f"trainable%: {share:.4f}")
+
     def summary_lines(self) -> list[str]:
         """The totals under the table."""
         line = f"frozen parameters: {self.parameters_frozen:,} of " \
@@ -145,13 +165,28 @@ class Report:
             out.append(f"opaque ops allowed (allow_opaque=True): {'; '.join(self.opaque_ops)}")
         return out
 
+    def by_layer(self) -> bool:
+        """Whether `str()` shows one row per layer: by default when there are more than
+        `COLLAPSE_AT` variable rows; `detail="variables"` or `"layers"` decides."""
+        if "variables" in self.detail or "layers" in self.detail:
+            return "layers" in self.detail
+        return len(self.rows) > COLLAPSE_AT
+
     def __str__(self) -> str:
-        header = ("variable", "shape", "frozen/total", "state", "rule(s)")
-        body = [(r.path, format_shape(r.shape), f"{r.frozen}/{r.total}", r.state,
-                 "; ".join(r.rules)) for r in self.rows]
+        scaled = any(r.factor != "-" for r in self.rows)
+        by_layer = self.by_layer()
+        rows = layer_rows(self.rows) if by_layer else self.rows
+        header = ("layer" if by_layer else "variable", "variables" if by_layer else "shape",
+                  "frozen/total", "state", *(("factor",) if scaled else ()), "rule(s)")
+        body = [(r.path, format_shape(r.shape) if not by_layer else str(len(r.shape)),
+                 f"{r.frozen}/{r.total}", r.state, *((r.factor,) if scaled else ()),
+                 "; ".join(r.rules)) for r in rows]
         out = [f"graphfreeze report for {self.function} ({self.mode})", *text_table(header, body)]
         if not body:
             out.append("(nothing frozen)")
+        elif by_layer:
+            out.append(f"({len(self.rows):,} variables in {len(rows):,} layers; "
+                       "report(detail='variables') for one row per variable)")
         out += self.summary_lines()
         for name in self.detail:
             out += DETAILS[name](self)
@@ -177,7 +212,29 @@ def _bodies_section(report: Report) -> list[str]:
 DETAILS: dict[str, Callable[[Report], list[str]]] = {
     "summary": lambda report: [],
     "bodies": _bodies_section,
+    "variables": lambda report: [],  # the table: one row per variable (see Report.by_layer)
+    "layers": lambda report: [],     # the table: one row per layer
 }
+
+#: Reports with more variable rows than this print one row per layer by default.
+COLLAPSE_AT = 30
+
+
+def layer_rows(rows: Sequence[VariableRow]) -> list[VariableRow]:
+    """The rows merged by layer (the path without its last component); `shape` holds one
+    entry per variable (the table prints their count), rules and factors are merged."""
+    groups: dict[str, list[VariableRow]] = {}
+    for r in rows:
+        groups.setdefault(r.path.rsplit("/", 1)[0] if "/" in r.path else r.path, []).append(r)
+    out = []
+    for layer, members in groups.items():
+        factors = list(dict.fromkeys(m.factor for m in members))
+        out.append(VariableRow(
+            layer, tuple(m.total for m in members), sum(m.frozen for m in members),
+            sum(m.total for m in members), tuple(dict.fromkeys(x for m in members for x in m.rules)),
+            any(m.state_pruned for m in members),  # statistics have no optimizer state
+            "/".join(factors) if len(factors) > 1 else factors[0]))
+    return out
 
 
 def detail_names(detail: str | Sequence[str]) -> tuple[str, ...]:
@@ -202,12 +259,26 @@ def program_flops(changes: Sequence[BodyChange]) -> dict[str, int]:
             "unknown": sum(c.unknown_flops for c in changes)}
 
 
-def variable_rows(freezes: Iterable[VariableFreeze], pruned_state: dict[str, list[str]]) -> list[VariableRow]:
+def variable_rows(freezes: Iterable[VariableFreeze], pruned_state: dict[str, list[str]],
+                  scales: Iterable[VariableScale] = ()) -> list[VariableRow]:
+    """One row per frozen or scaled variable: the frozen ones first, in rule order."""
     owners_pruned = Counter(o for owners in pruned_state.values() for o in owners)
+    factor = {id(vs.variable): vs.describe() for vs in scales}
+    frozen = {id(vf.variable) for vf in freezes}
+    rows = [(vf.variable, VariableRow(
+        vf.variable.path, vf.variable.shape, vf.n_frozen, vf.frozen.size, tuple(vf.rules),
+        owners_pruned[vf.variable.path] > 0, factor.get(id(vf.variable), "-"),
+        vf.variable.trainable)) for vf in freezes]
+    rows += [(vs.variable, VariableRow(vs.variable.path, vs.variable.shape, 0, vs.factor.size,
+                                       tuple(vs.rules), False, factor[id(vs.variable)]))
+             for vs in scales if id(vs.variable) not in frozen]
     # A distributed variable is one row, not one per replica component.
-    return [VariableRow(vf.variable.path, vf.variable.shape, vf.n_frozen, vf.frozen.size,
-                        tuple(vf.rules), owners_pruned[vf.variable.path] > 0) for vf in freezes
-            if not vf.variable.replica]
+    return [row for var, row in rows if not var.replica]
+
+
+def all_parameters(variables: Iterable[VariableInfo]) -> int:
+    """Entries of trainable model variables, frozen or not."""
+    return sum(v.size for v in variables if v.trainable and v.model_state and not v.replica)
 
 
 def trainable_parameters(variables: Iterable[VariableInfo], freezes: Iterable[VariableFreeze]) -> int:
@@ -221,9 +292,11 @@ def build_report(plan: Plan, changes: Sequence[BodyChange],
                  detail: str | Sequence[str] = "summary") -> Report:
     """The report of a rewrite; `changes` has one entry per function, the step first."""
     return Report(plan.capture.function_name, "training step" if plan.training else "forward function",
-                  variable_rows(plan.freezes, plan.notes.pruned_state), dict(plan.notes.pruned_state),
+                  variable_rows(plan.freezes, plan.notes.pruned_state, plan.scales),
+                  dict(plan.notes.pruned_state),
                   sum(c.ops_before for c in changes), sum(c.ops_after for c in changes),
                   trainable_parameters(plan.capture.variables, plan.freezes),
                   program_flops(changes), sum_counts(c.removed for c in changes),
                   sum_counts(c.added for c in changes), list(changes), detail_names(detail),
-                  opaque_ops=list(plan.notes.opaque_ops))
+                  opaque_ops=list(plan.notes.opaque_ops),
+                  parameters_total=all_parameters(plan.capture.variables))

@@ -54,6 +54,7 @@ import tensorflow as tf
 from .dryrun import variable_infos
 from .errors import FreezeError
 from .rules import Columns, Freeze, Mask, Rows, RuleLike, Unfreeze, as_rule, resolve
+from .scale import Scale
 from .variables import VariableInfo
 
 __all__ = ["save_trainable", "load_trainable"]
@@ -61,7 +62,7 @@ __all__ = ["save_trainable", "load_trainable"]
 FORMAT, VERSION = "graphfreeze-trainable", 1
 HEADER = "graphfreeze.json"
 KINDS = ("whole", "rows", "columns", "entries")
-_FREEZE_RULES = (Freeze, Rows, Columns, Mask, Unfreeze)  # others (learning-rate factors) save nothing
+_FREEZE_RULES = (Freeze, Rows, Columns, Mask, Unfreeze, Scale)  # Scale: 0 freezes, other factors train
 
 
 @dataclass

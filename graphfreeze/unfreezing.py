@@ -22,6 +22,7 @@ from .api import FrozenFunction
 from .dryrun import variable_infos
 from .errors import FreezeError, RuleError
 from .rules import Rule, RuleLike, as_rule, resolve
+from .scale import resolve_scales
 from .variables import is_keras_model
 
 # What a rule set freezes, entry by entry: (variable path, SHA-256 of its frozen mask) pairs.
@@ -70,9 +71,12 @@ def _check_schedule(schedule: Any) -> list[tuple[int, list[Rule]]]:
 def _rule_set_key(model: Any, rules: list[Rule]) -> RuleSetKey:
     """What a rule set freezes, entry by entry: two rule sets that freeze the same entries
     share one train function (and one rewrite)."""
-    freezes = resolve(rules, variable_infos(model))
+    infos = variable_infos(model)
+    freezes = resolve(rules, infos)
+    scales = resolve_scales(rules, infos, freezes)  # gf.Scale factors make rule sets differ too
     return tuple(sorted((vf.variable.path, hashlib.sha256(np.packbits(vf.frozen).tobytes()).hexdigest())
-                        for vf in freezes))
+                        for vf in freezes)) + tuple(sorted(
+        (vs.variable.path, hashlib.sha256(vs.factor.tobytes()).hexdigest()) for vs in scales))
 
 
 class GradualUnfreezing(keras.callbacks.Callback):

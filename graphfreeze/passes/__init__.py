@@ -19,6 +19,7 @@ from .fold_zeros import fold_frozen_zeros
 from .guard_writes import guard_writes
 from .mask_gradients import mask_gradients
 from .prune_optimizer_state import prune_optimizer_state
+from .scale_writes import scale_writes
 from .stop_frozen_reads import stop_frozen_reads
 from .strip_markers import strip_markers
 from .verify import lint
@@ -29,6 +30,7 @@ Pass = Callable[[Program, Plan], Program]
 TRAINING_PIPELINE: Sequence[Pass] = (
     batchnorm_inference,      # only with batchnorm_inference=True; needs the stat updates
     mask_gradients,
+    scale_writes,             # gf.Scale factors; before the guards select frozen entries
     guard_writes,
     prune_optimizer_state,
     fold_frozen_zeros,
@@ -40,6 +42,7 @@ TRAINING_PIPELINE: Sequence[Pass] = (
 #: (e.g. BatchNorm statistics in training mode) to frozen state are guarded too.
 FORWARD_PIPELINE: Sequence[Pass] = (
     batchnorm_inference,
+    scale_writes,
     guard_writes,
     stop_frozen_reads,
     eliminate_dead_code,
