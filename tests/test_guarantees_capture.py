@@ -347,7 +347,13 @@ def test_keras_optimizer_state_is_recognised_from_the_graph_alone(make_optimizer
                                        if not v.path.startswith("sequential/out")}
     for x, y in DATA[:4]:
         rw(x, y)
-    assert int(optimizers["main"].iterations.numpy()) > 0
+    # The step counter still counts. Keras 3.3's LossScaleOptimizer counts on its inner
+    # optimizer only (its own `iterations` stays 0 without graphfreeze too).
+    optimizer = optimizers["main"]
+    counters = [optimizer.iterations]
+    if hasattr(optimizer, "inner_optimizer"):
+        counters.append(optimizer.inner_optimizer.iterations)
+    assert max(int(c.numpy()) for c in counters) > 0
 
 
 # --------------------------------------------------------------------------- item 10 (part)

@@ -112,7 +112,7 @@ def test_s1_partial(opt_name, option):
 S2_WHOLE = [optimizer_param(o, "plain") for o in OPTIMIZERS] + \
     [optimizer_param(o, "global_clipnorm") for o in OPTIMIZERS] + \
     [(o, opt) for o in ("SGD", "Adam", "RMSprop") for opt in ("ema", "accumulation", "weight_decay")] + \
-    [(o, "weight_decay") for o in ("AdamW", "Lamb", "Adafactor", "Lion")]
+    [optimizer_param(o, "weight_decay") for o in ("AdamW", "Lamb", "Adafactor", "Lion")]
 S2_PARTIAL = [(o, "plain") for o in ELEMENTWISE] + \
     [(o, opt) for o in ("SGD", "Adam", "Lion") for opt in ("global_clipnorm", "ema", "accumulation")]
 
@@ -198,7 +198,7 @@ def test_s2_partial_decoupled_decay(opt_name):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5, err_msg=a.path)
 
 
-@pytest.mark.parametrize("opt_name", ["Lamb", "Adafactor"])
+@pytest.mark.parametrize("opt_name", [optimizer_param("Lamb"), "Adafactor"])
 def test_s2_partial_non_elementwise(opt_name):
     """Lamb's trust ratio (a norm over the whole variable) and Adafactor's factored second
     moments (row and column means) mix entries, so a frozen entry's value and gradient
