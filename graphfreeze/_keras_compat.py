@@ -51,8 +51,16 @@ def _train_function(model: Any, reduce_per_replica: Any) -> Any:
         return reduce_per_replica(outputs, strategy, reduction="auto")
 
     if not model.run_eagerly:
-        one_step_on_data = tf.function(one_step_on_data, reduce_retracing=True,
-                                       jit_compile=model.jit_compile)
+        traced_step = tf.function(one_step_on_data, reduce_retracing=True,
+                                  jit_compile=model.jit_compile)
+
+        # Keras 3.15 hands its tf.function over inside a plain function of the same name
+        # (`_autoconvert_optionals`), so the step graphfreeze traces is a thin wrapper that
+        # calls the step's body; wrapping it the same way gives both trainers one program
+        # layout (the same bodies in the report, the diff and the pictures).
+        @tf.autograph.experimental.do_not_convert
+        def one_step_on_data(data):
+            return traced_step(data)
 
     @tf.autograph.experimental.do_not_convert
     def one_step_on_iterator(iterator):
