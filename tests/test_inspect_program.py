@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import make_step
+from keras_versions import needs_keras
 
 import graphfreeze as gf
 from graphfreeze.capture import MARKER_NAME
@@ -216,6 +217,9 @@ def test_bodies_by_name_before_and_after(fit_mlp):
                                                             "StatefulPartitionedCall"}
 
 
+@needs_keras("3.7.0", "Keras 3.3's CompileLoss multiplies the loss by a weight of 1.0, whose "
+                     "unused gradient Mul the fit rewrite removes and the custom step never had "
+                     "(seen on 3.3.3; 3.4-3.6 not checked)")
 def test_fit_and_custom_step_agree(fit_mlp):
     """The same model, rules and optimizer through gf.freeze on a custom step: the removed
     work is the same; only the ops of Keras's wrapper (metrics, placeholders) differ."""
