@@ -42,26 +42,30 @@ def packed(vf: VariableFreeze) -> bool:
     return compact.size >= PACK_AT and compact.ndim > 0 and compact.shape[-1] % 8 == 0
 
 
-def stored_mask(b: Builder, vf: VariableFreeze) -> Tensor:
-    """The constant holding `vf`'s compact mask in `b`'s graph: bool, or uint8 bits packed
-    along the last axis. One per graph and variable however many passes and ops use it; a
-    reused constant moves up in program order to precede its new consumer."""
+def shared_const(b: Builder, key: tuple[str, ...], name: str, value: np.ndarray,
+                 dtype: tf.DType) -> Tensor:
+    """The constant `value` in `b`'s graph, one per graph and `key` however many passes and
+    ops use it; a reused constant moves up in program order to precede its new consumer."""
     ir = b.ir
-    key = ("frozen", vf.variable.path)
     tensor = ir.const_cache.get(key)
     if tensor is not None and tensor[0] in ir:
         node = ir.graph.nodes[tensor[0]]
         node["order"] = min(node["order"], b.after + 1e-9)
         return b.adopt(tensor)
-    name = f"graphfreeze/frozen/{slug(vf.variable.path)}"
-    if packed(vf):
-        tensor = ir.add_const(name, np.packbits(vf.compact, axis=-1), tf.uint8, device=b.device,
-                              after=b.after, inserted_by=b.pass_name)
-    else:
-        tensor = ir.add_const(name, vf.compact, tf.bool, device=b.device, after=b.after,
-                              inserted_by=b.pass_name)
+    tensor = ir.add_const(name, value, dtype, device=b.device, after=b.after,
+                          inserted_by=b.pass_name)
     ir.const_cache[key] = tensor
     return b.adopt(tensor)
+
+
+def stored_mask(b: Builder, vf: VariableFreeze) -> Tensor:
+    """The constant holding `vf`'s compact mask in `b`'s graph: bool, or uint8 bits packed
+    along the last axis (see `shared_const`)."""
+    name = f"graphfreeze/frozen/{slug(vf.variable.path)}"
+    if packed(vf):
+        return shared_const(b, ("frozen", vf.variable.path), name,
+                            np.packbits(vf.compact, axis=-1), tf.uint8)
+    return shared_const(b, ("frozen", vf.variable.path), name, vf.compact, tf.bool)
 
 
 def _unpack(b: Builder, bits: Tensor, vf: VariableFreeze) -> Tensor:
@@ -89,29 +93,42 @@ def frozen_mask(b: Builder, vf: VariableFreeze) -> Tensor:
 def frozen_rows(b: Builder, vf: VariableFreeze, indices: Tensor) -> Tensor:
     """The mask of rows `indices` (axis 0), broadcastable to [*indices.shape, *shape[1:]]."""
     mask = stored_mask(b, vf)
-    if vf.compact.shape[0] == 1:  # the same for every row: no gather needed ...
-        shape = b.ir.shape(indices)
-        if shape is not None and len(shape) == 1:
-            return mask
-        zero = b.const("row_zero", np.zeros((), b.ir.dtype(indices).as_numpy_dtype),
-                       b.ir.dtype(indices))  # ... but row 0 taken as often as indices say
-        indices = b.mul(indices, zero, "row_index")
-    rows = b.gather_rows(mask, indices, "frozen_rows")
-    return _unpack(b, rows, vf) if packed(vf) else rows
+    rows = compact_rows(b, mask, vf.compact.shape, indices, "frozen")
+    return _unpack(b, rows, vf) if packed(vf) and rows != mask else rows
 
 
 def frozen_entries(b: Builder, vf: VariableFreeze, indices: Tensor) -> Tensor:
     """The mask at ScatterNd/GatherNd index tuples `indices` ([..., k], k <= rank): the
     entries (or trailing blocks) they address, broadcastable to the gathered values."""
-    mask = frozen_mask(b, vf)
-    shape = b.ir.shape(indices)
-    depth = shape[-1] if shape else None
+    return compact_entries(b, frozen_mask(b, vf), vf.compact.shape, indices, "frozen")
+
+
+def compact_rows(b: Builder, compact: Tensor, shape: tuple[int, ...], indices: Tensor,
+                 what: str) -> Tensor:
+    """Rows `indices` (axis 0) of a compact constant of `shape` (axes collapsed to 1 where it
+    does not change), broadcastable to [*indices.shape, *full_shape[1:]]."""
+    if shape[0] == 1:  # the same for every row: no gather needed ...
+        index_shape = b.ir.shape(indices)
+        if index_shape is not None and len(index_shape) == 1:
+            return compact
+        zero = b.const("row_zero", np.zeros((), b.ir.dtype(indices).as_numpy_dtype),
+                       b.ir.dtype(indices))  # ... but row 0 taken as often as indices say
+        indices = b.mul(indices, zero, "row_index")
+    return b.gather_rows(compact, indices, f"{what}_rows")
+
+
+def compact_entries(b: Builder, compact: Tensor, shape: tuple[int, ...], indices: Tensor,
+                    what: str) -> Tensor:
+    """A compact constant of `shape` at ScatterNd/GatherNd index tuples `indices`
+    ([..., k], k <= rank); a collapsed axis is indexed at 0. ValueError when k is unknown."""
+    index_shape = b.ir.shape(indices)
+    depth = index_shape[-1] if index_shape else None
     if depth is None:
         raise ValueError(f"the index depth of {indices} is unknown")
-    collapsed = [vf.compact.shape[a] == 1 for a in range(depth)]
+    collapsed = [shape[a] == 1 for a in range(depth)]
     if any(collapsed):  # index a collapsed axis at 0
         dtype = b.ir.dtype(indices)
-        keep = b.const("frozen_index_axes", np.array([0 if c else 1 for c in collapsed],
-                                                     dtype.as_numpy_dtype), dtype)
-        indices = b.mul(indices, keep, "frozen_index")
-    return b.gather_nd(mask, indices, "frozen_at")
+        keep = b.const(f"{what}_index_axes", np.array([0 if c else 1 for c in collapsed],
+                                                       dtype.as_numpy_dtype), dtype)
+        indices = b.mul(indices, keep, f"{what}_index")
+    return b.gather_nd(compact, indices, f"{what}_at")

@@ -24,7 +24,7 @@ from ..plan import Plan
 from ..program import Program
 from ..scale import VariableScale
 from .build import Builder
-from .masks import slug
+from .masks import compact_entries, compact_rows, shared_const, slug
 from .resources import check_known_use
 
 PASS = "scale_writes"
@@ -42,18 +42,9 @@ def scale_writes(program: Program, plan: Plan) -> Program:
 
 def _factor(b: Builder, vs: VariableScale, dtype) -> Tensor:
     """The factors as a constant of `dtype`: one per graph, variable and dtype."""
-    ir = b.ir
-    key = ("scale", vs.variable.path, dtype.name)
-    tensor = ir.const_cache.get(key)
-    if tensor is not None and tensor[0] in ir:
-        node = ir.graph.nodes[tensor[0]]
-        node["order"] = min(node["order"], b.after + 1e-9)
-        return b.adopt(tensor)
-    tensor = ir.add_const(f"graphfreeze/scale/{slug(vs.variable.path)}_{dtype.name}",
-                          vs.compact.astype(dtype.as_numpy_dtype), dtype, device=b.device,
-                          after=b.after, inserted_by=b.pass_name)
-    ir.const_cache[key] = tensor
-    return b.adopt(tensor)
+    return shared_const(b, ("scale", vs.variable.path, dtype.name),
+                        f"graphfreeze/scale/{slug(vs.variable.path)}_{dtype.name}",
+                        vs.compact.astype(dtype.as_numpy_dtype), dtype)
 
 
 def _toward(b: Builder, f: Tensor, old: Tensor, new: Tensor) -> Tensor:
@@ -104,21 +95,11 @@ def _factor_at(b: Builder, vs: VariableScale, indices: Tensor, dtype, *, nd: boo
     compact = vs.compact
     if compact.ndim == 0:
         return f
-    idx_dtype = b.ir.dtype(indices)
-    if nd:
-        shape = b.ir.shape(indices)
-        depth = shape[-1] if shape else None
-        if depth is None:
-            raise UnsupportedGraphError(f"{b.ir.op(b.anchor)} node {b.anchor!r} writes "
-                                        f"{vs.variable.path!r} at index tuples of unknown depth; "
-                                        "graphfreeze cannot look up their factors.")
-        keep = np.array([0 if compact.shape[a] == 1 else 1 for a in range(depth)],
-                        idx_dtype.as_numpy_dtype)
-        if not keep.all():  # a collapsed axis is indexed at 0
-            indices = b.mul(indices, b.const("factor_index_axes", keep, idx_dtype), "factor_index")
-        return b.gather_nd(f, indices, "factor_at")
-    if compact.shape[0] == 1:
-        # the same for every row; row 0 taken as often as indices say
-        zero = b.const("row_zero", np.zeros((), idx_dtype.as_numpy_dtype), idx_dtype)
-        indices = b.mul(indices, zero, "row_index")
-    return b.gather_rows(f, indices, "factor_rows")
+    if not nd:
+        return compact_rows(b, f, compact.shape, indices, "factor")
+    try:
+        return compact_entries(b, f, compact.shape, indices, "factor")
+    except ValueError:
+        raise UnsupportedGraphError(f"{b.ir.op(b.anchor)} node {b.anchor!r} writes "
+                                    f"{vs.variable.path!r} at index tuples of unknown depth; "
+                                    "graphfreeze cannot look up their factors.") from None
