@@ -267,6 +267,7 @@ def test_rules_apply_in_order_entry_by_entry():
 def test_factor_zero_is_freeze_bitwise():
     model = _model()
     other = twin(model, _model)
+    reference = twin(model, _model)
     a = gf.freeze(gf.Scale("hidden2/*", 0))(make_step(model, keras.optimizers.AdamW(1e-2, weight_decay=0.1)))
     b = gf.freeze("hidden2/*")(make_step(other, keras.optimizers.AdamW(1e-2, weight_decay=0.1)))
     for x, y in DATA:
@@ -274,6 +275,16 @@ def test_factor_zero_is_freeze_bitwise():
         b(x, y)
     for v, w in zip(model.variables, other.variables):
         assert np.array_equal(v.numpy(), w.numpy()), v.path
+    # and both equal Keras's own answer: hidden2 trainable=False (between trainable layers)
+    reference.get_layer("hidden2").trainable = False
+    ref_step = tf.function(make_step(reference, keras.optimizers.AdamW(1e-2, weight_decay=0.1)))
+    for x, y in DATA:
+        ref_step(x, y)
+    for v, r in zip(model.variables, reference.variables):
+        if "/hidden2/" in v.path:
+            assert np.array_equal(v.numpy(), r.numpy()), v.path  # S1: never moved
+        else:
+            np.testing.assert_allclose(v.numpy(), r.numpy(), rtol=1e-5, atol=1e-5, err_msg=v.path)
 
 
 @pytest.mark.parametrize("factor", [-0.1, float("nan"), float("inf"), "0.1", None, True, [0.5]])
