@@ -31,6 +31,7 @@ from .cache import CacheError, FrozenPrefixCache, cache_frozen_prefix
 from .diff import Diff
 from .dryrun import plan
 from .errors import CaptureError, FreezeError, RuleError, UnsupportedGraphError
+from .optimizer_state import extend_optimizer
 from .render import RenderError
 from .report import Report
 from .rewritten import Rewritten
@@ -39,7 +40,7 @@ from .trainable_io import load_trainable, save_trainable
 from .transfer import MatchReport, TransferError, Transferred, match_layers, transfer, transfer_report
 
 __all__ = [
-    "freeze", "rewrite", "plan", "keras", "save_trainable", "load_trainable",
+    "freeze", "rewrite", "plan", "keras", "extend_optimizer", "save_trainable", "load_trainable",
     "cache_frozen_prefix", "FrozenPrefixCache", "CacheError", "transfer", "transfer_report", "match_layers",
     "MatchReport", "Transferred", "TransferError", "FrozenFunction", "Rewritten", "Report", "Diff",
     "Rule", "Freeze", "Rows", "Columns", "Mask", "Unfreeze",
