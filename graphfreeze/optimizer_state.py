@@ -112,30 +112,43 @@ class Journal:
             if o is None or id(o) in self._saved:
                 continue
             attrs = dict(vars(o))
-            contents = {k: _copy(v) for k, v in attrs.items() if isinstance(v, (list, dict, set))}
+            contents = {k: _copy(v) for k, v in attrs.items()
+                        if isinstance(v, (list, dict, set)) or type(v).__name__ == "ListWrapper"}
             if isinstance(attrs.get("stored_ids"), dict):  # Keras's Tracker: sets in a dict
                 contents["stored_ids"] = {k: set(s) for k, s in attrs["stored_ids"].items()}
             self._saved[id(o)] = (o, attrs, contents)
 
     def rollback(self) -> None:
+        """Best effort, and never raises: it runs while another error propagates."""
         for o, attrs, contents in self._saved.values():
-            for name in [n for n in vars(o) if n not in attrs]:
-                object.__delattr__(o, name)
-            for name, value in attrs.items():
-                object.__setattr__(o, name, value)
-                if name in contents:
-                    _restore(value, contents[name])
+            try:
+                for name in [n for n in vars(o) if n not in attrs]:
+                    object.__delattr__(o, name)
+                for name, value in attrs.items():
+                    object.__setattr__(o, name, value)
+                    if name in contents:
+                        _restore(value, contents[name])
+            except Exception:  # pragma: no cover - the original error matters more
+                continue
         self._saved.clear()
 
 
 def _copy(value: Any) -> Any:
-    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) \
-        else set(value)
+    return dict(value) if isinstance(value, dict) else set(value) if isinstance(value, set) \
+        else list(value)
 
 
 def _restore(target: Any, saved: Any) -> None:
-    if isinstance(target, list):
-        target[:] = saved
+    if isinstance(target, list) or hasattr(target, "append"):
+        # Element by element, by identity: TensorFlow's ListWrapper compares elements
+        # (variables) by value on slice assignment.
+        while len(target) > len(saved) and all(a is b for a, b in zip(target, saved)):
+            target.pop()
+        if len(target) != len(saved) or any(a is not b for a, b in zip(target, saved)):
+            while len(target):
+                target.pop()
+            for item in saved:
+                target.append(item)
     else:
         target.clear()
         target.update(saved)
@@ -149,12 +162,16 @@ def _restore(target: Any, saved: Any) -> None:
 
 
 def _known(optimizer: Any, var: Any) -> bool:
-    return optimizer._var_key(var) in optimizer._trainable_variables_indices
+    # A LossScaleOptimizer's inner optimizer holds the state (Keras < 3.4 leaves the
+    # wrapper's own index empty).
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner._var_key(var) in inner._trainable_variables_indices
 
 
 def _own_variables(optimizer: Any) -> set[int]:
     """The variables an optimizer creates in its constructor (kept across a rebuild)."""
-    own = {id(optimizer._iterations)}
+    # Keras < 3.4 keeps the step counter in `iterations`, later ones in `_iterations`
+    own = {id(vars(optimizer).get("_iterations", getattr(optimizer, "iterations", None)))}
     lr = getattr(optimizer, "_learning_rate", None)
     if lr is not None and hasattr(lr, "assign"):
         own.add(id(lr))
@@ -178,13 +195,16 @@ def _rebuild(optimizer: Any, variables: list[Any]) -> None:
     optimizer._trainable_variables_indices = {}
     optimizer.build(variables)
     optimizer.built = True
-    fresh = []
+    # Existing state keeps its variable objects: steps traced before (a cached rewrite,
+    # a train function a schedule comes back to) capture them.
+    fresh, replace = [], {}
     for v in optimizer._variables:
         previous = old.get((v.path, tuple(v.shape), str(v.dtype)))
         if id(v) not in own and previous:
-            v.assign(previous.pop(0))
+            replace[id(v)] = previous.pop(0)
         elif id(v) not in own:
             fresh.append(id(v))
+    _swap_back(optimizer, replace)
     # Keras sets an average to its variable on the first step (iterations == 0); a variable
     # that starts training later would otherwise average from zero and be dragged toward
     # it when the averages are copied in.
@@ -192,6 +212,22 @@ def _rebuild(optimizer: Any, variables: list[Any]) -> None:
     for var, average in zip(optimizer._trainable_variables, averages):
         if average is not None and id(average) in fresh:
             average.assign(var)
+
+
+def _swap_back(optimizer: Any, replace: dict[int, Any]) -> None:
+    """Put the old variable objects back wherever the rebuild stored their new twins
+    (slot lists, the tracked variable list, the tracker's ids)."""
+    for value in list(vars(optimizer).values()):
+        if isinstance(value, list) or type(value).__name__ == "ListWrapper":
+            for i, item in enumerate(list(value)):
+                if id(item) in replace:
+                    value[i] = replace[id(item)]
+    stored = getattr(getattr(optimizer, "_tracker", None), "stored_ids", None) or {}
+    for ids in stored.values():
+        for new_id, old in replace.items():
+            if new_id in ids:
+                ids.discard(new_id)
+                ids.add(id(old))
 
 
 def _eager_rebuild(optimizer: Any, variables: list[Any]) -> None:
@@ -211,8 +247,9 @@ def prepare(optimizer: Any, variables: Sequence[Any], journal: Journal | None = 
         return
     if all(_known(optimizer, v) for v in variables):
         return
-    listed = {optimizer._var_key(v) for v in variables}
-    variables += [v for v in optimizer._trainable_variables if optimizer._var_key(v) not in listed]
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    listed = {inner._var_key(v) for v in variables}
+    variables += [v for v in inner._trainable_variables if inner._var_key(v) not in listed]
     if journal is not None:
         journal.save(optimizer)
     _eager_rebuild(optimizer, variables)

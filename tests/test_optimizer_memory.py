@@ -95,6 +95,14 @@ def test_rewrite_with_user_clipping_masks_the_frozen_gradient():
     _check(model, reference, optimizer, ref_optimizer, before, frozen=("hidden1", "hidden3"))
 
 
+def _freeze_fit_check(model, reference, optimizer, ref_optimizer):
+    gf.keras.freeze(model, "hidden2/*")
+    before = snapshot(model.variables)
+    model.fit(X, Y, **FIT)
+    reference.fit(X, Y, **FIT)
+    _check(model, reference, optimizer, ref_optimizer, before)
+
+
 @pytest.mark.parametrize("option", ["plain", "ema", "accumulation", "global_clipnorm", "lso"])
 def test_fit_builds_state_for_trainable_only(option):
     model, reference, optimizer, ref_optimizer = _pair(**OPTIONS.get(option, {}))
@@ -103,11 +111,7 @@ def test_fit_builds_state_for_trainable_only(option):
         ref_optimizer = keras.optimizers.LossScaleOptimizer(ref_optimizer)
     model.compile(optimizer=optimizer, loss="mse")
     reference.compile(optimizer=ref_optimizer, loss="mse")
-    gf.keras.freeze(model, "hidden2/*")
-    before = snapshot(model.variables)
-    model.fit(X, Y, **FIT)
-    reference.fit(X, Y, **FIT)
-    _check(model, reference, optimizer, ref_optimizer, before)
+    _freeze_fit_check(model, reference, optimizer, ref_optimizer)
     assert not hasattr(type(optimizer), "_graphfreeze") and "apply" not in vars(optimizer)
     assert "finalize_variable_values" not in vars(getattr(optimizer, "inner_optimizer", optimizer))
 
@@ -118,11 +122,7 @@ def test_fit_under_mirrored_strategy_builds_state_for_trainable_only():
         model, reference, optimizer, ref_optimizer = _pair()
         model.compile(optimizer=optimizer, loss="mse")
         reference.compile(optimizer=ref_optimizer, loss="mse")
-    gf.keras.freeze(model, "hidden2/*")
-    before = snapshot(model.variables)
-    model.fit(X, Y, **FIT)
-    reference.fit(X, Y, **FIT)
-    _check(model, reference, optimizer, ref_optimizer, before)
+    _freeze_fit_check(model, reference, optimizer, ref_optimizer)
 
 
 def test_optimizer_built_before_freezing_keeps_its_state_untouched():
