@@ -292,6 +292,31 @@ def _optimizer_classes() -> list[type]:
     return out
 
 
+def _marked(grad: Any, var: Any, limit: int = 4096) -> bool:
+    """Does `grad` derive from the gradient marker of `var`? Only then is the frozen
+    gradient masked wherever else the step uses it; otherwise the pair stays in the
+    update, where the rewrite refuses or masks it as before (S7: no silent gaps)."""
+    from .capture import _RECORDERS
+    tf_var = resource_variable(var)
+    tensor = getattr(grad, "values", grad)
+    if not hasattr(tensor, "op"):
+        return False
+    wanted = {m.values for r in _RECORDERS for g, m, _ in r.records
+              if m.variable is tf_var and g is tensor.graph}
+    if not wanted:
+        return False
+    pending, seen = [tensor.op], set()
+    while pending and len(seen) < limit:
+        op = pending.pop()
+        if op.name in wanted:
+            return True
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        pending.extend(t.op for t in op.inputs)
+    return False
+
+
 def _filtered_apply(original: Callable, frozen: Callable[[Any], bool], journal: Journal) -> Callable:
     @functools.wraps(original)
     def apply(self: Any, grads: Any, trainable_variables: Any = None) -> Any:
@@ -300,8 +325,8 @@ def _filtered_apply(original: Callable, frozen: Callable[[Any], bool], journal: 
         grads, variables = list(grads), list(trainable_variables)
         # State that exists already stays in the update (the rewrite masks its gradient
         # and prunes its writes, as for any frozen variable): only new state is avoided.
-        keep = [i for i, v in enumerate(variables)
-                if not frozen(v) or (self.built and _known(self, v))]
+        keep = [i for i, (g, v) in enumerate(zip(grads, variables))
+                if not frozen(v) or (self.built and _known(self, v)) or not _marked(g, v)]
         if not keep:  # everything frozen: leave it to the rewrite (masked, pruned)
             return original(self, grads, variables)
         kept = [variables[i] for i in keep]
