@@ -3,10 +3,10 @@
 Keras `trainable=False` keeps no optimizer state for a frozen layer because the optimizer
 is never told about it. graphfreeze does the same at the one place a Keras optimizer
 learns its variables: while a step is traced, `Optimizer.apply` (hence `apply_gradients`)
-drops every (gradient, variable) pair whose variable the rules freeze entirely and that it
-holds no state for yet, before the optimizer builds, filters, clips (`global_clipnorm` then
-sees the trainable gradients only, as under `trainable=False`), decays or averages
-anything. The frozen gradient itself stays in the traced graph, so the rewrite still masks
+drops every (gradient, variable) pair whose variable the rules freeze entirely, whose
+gradient derives from that variable's marker (capture.py) and that it holds no state for
+yet, before the optimizer builds, filters, clips (`global_clipnorm` then sees the trainable
+gradients only, as under `trainable=False`), decays or averages anything. The frozen gradient itself stays in the traced graph, so the rewrite still masks
 it to zero wherever else the step uses it (a norm the user computes, a metric). Partly
 frozen variables keep full-size state.
 
