@@ -6,9 +6,10 @@ learns its variables: while a step is traced, `Optimizer.apply` (hence `apply_gr
 drops every (gradient, variable) pair whose variable the rules freeze entirely, whose
 gradient derives from that variable's marker (capture.py) and that it holds no state for
 yet, before the optimizer builds, filters, clips (`global_clipnorm` then sees the trainable
-gradients only, as under `trainable=False`), decays or averages anything. The frozen gradient itself stays in the traced graph, so the rewrite still masks
-it to zero wherever else the step uses it (a norm the user computes, a metric). Partly
-frozen variables keep full-size state.
+gradients only, as under `trainable=False`), decays or averages anything. The frozen
+gradient itself stays in the traced graph, so the rewrite still masks it to zero wherever
+else the step uses it (a norm the user computes, a metric). Partly frozen variables keep
+full-size state.
 
 An unbuilt optimizer is then built by Keras's own `apply`, in the trace as usual, for
 the trainable variables only. A built one that meets a variable it does not know (the
