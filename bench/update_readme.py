@@ -124,8 +124,25 @@ def scale(d: dict) -> str:
                     "one optimizer per layer"))
 
 
+def memory(d: dict) -> str:
+    titles = {"resnet50": f"ResNet50 (`weights=None`, {d['config']['resnet_input']}×"
+                          f"{d['config']['resnet_input']}, 10 classes), head only, Adam",
+              "tokens": "trainable tokens (32,000 × 512 tied table, 16 rows train), AdamW"}
+    lines = ["| model | contender | optimizer state MiB | × reference | peak RSS MiB | "
+             "RSS after MiB |", "|---|---|---|---|---|---|"]
+    for model, rows in d["models"].items():
+        reference = list(rows)[1]
+        for name, r in rows.items():
+            ratio = r["state_bytes"] / rows[reference]["state_bytes"]
+            lines.append(f"| {titles.get(model, model)} | {name} | {r['state_bytes'] / 2**20:.2f} | "
+                         f"{ratio:.2f} | {r['peak_rss'] / 2**20:.0f} | {r['rss_after'] / 2**20:.0f} |")
+    return (f"Optimizer variables after {d['config']['steps']} steps (slots and counters; the "
+            "reference is `trainable=False`, or for rows the hand-written split program), "
+            f"batch {d['config']['batch']}:\n\n" + "\n".join(lines))
+
+
 SECTIONS = {"core": core, "fit": fit, "partial": partial, "corpus": corpus, "transfer": transfer,
-            "distribute": distribute, "cache": cache, "scale": scale}
+            "distribute": distribute, "cache": cache, "scale": scale, "memory": memory}
 
 
 def main() -> int:

@@ -32,6 +32,7 @@ from .diff import Diff
 from .dryrun import plan
 from .errors import CaptureError, FreezeError, RuleError, UnsupportedGraphError
 from .layer_decay import layer_decay
+from .optimizer_state import extend_optimizer
 from .render import RenderError
 from .report import Report
 from .rewritten import Rewritten
@@ -41,7 +42,8 @@ from .trainable_io import load_trainable, save_trainable
 from .transfer import MatchReport, TransferError, Transferred, match_layers, transfer, transfer_report
 
 __all__ = [
-    "freeze", "rewrite", "plan", "keras", "layer_decay", "save_trainable", "load_trainable",
+    "freeze", "rewrite", "plan", "keras", "layer_decay", "extend_optimizer", "save_trainable",
+    "load_trainable",
     "cache_frozen_prefix", "FrozenPrefixCache", "CacheError", "transfer", "transfer_report", "match_layers",
     "MatchReport", "Transferred", "TransferError", "FrozenFunction", "Rewritten", "Report", "Diff",
     "Rule", "Freeze", "Rows", "Columns", "Mask", "Unfreeze", "Scale",

@@ -17,6 +17,7 @@ from .capture import trace
 from .emit import emit
 from .errors import RuleError, stage
 from .ir import IR
+from .optimizer_state import Journal, trainable_only
 from .passes import run_pipeline
 from .passes.dependence import Dependence, analyze
 from .passes.refusals import (
@@ -62,8 +63,19 @@ def rewrite(fn: Callable[..., Any], rules: RuleLike | Sequence[RuleLike], *examp
     >>> rw(x, y)                                                                          # doctest: +SKIP
     """
     rule_list = _normalize(rules)
-    capture = trace(fn, example_args, example_kwargs,
-                    extra_objects=[getattr(r, "target", None) for r in rule_list])
+    journal = Journal()
+    try:
+        with trainable_only(rule_list, journal):
+            capture = trace(fn, example_args, example_kwargs,
+                            extra_objects=[getattr(r, "target", None) for r in rule_list])
+        return _rewrite_captured(capture, rule_list, batchnorm_inference, allow_opaque)
+    except BaseException:
+        journal.rollback()  # an optimizer built or extended while tracing: as it was
+        raise
+
+
+def _rewrite_captured(capture: Any, rule_list: list[Rule], batchnorm_inference: bool,
+                      allow_opaque: bool) -> Rewritten:
     with _gc_paused(), stage(f"step {capture.function_name!r}"):
         program = Program(IR.from_graph_def(capture.graph_def, capture.meta))
         variables = capture.variable_by_placeholder

@@ -40,6 +40,7 @@ from .variables import (
 
 MARKER_NAME = "graphfreeze_grad"
 _TRACE_LOCK = threading.RLock()
+_RECORDERS: list[_MarkerRecorder] = []  # the traces in progress (graphfreeze/optimizer_state.py)
 
 
 @dataclass
@@ -223,6 +224,8 @@ def _gradient_markers(recorder: _MarkerRecorder):
 
     tape = backprop.GradientTape
     with _TRACE_LOCK, contextlib.ExitStack() as stack:
+        _RECORDERS.append(recorder)
+        stack.callback(_RECORDERS.pop)
         stack.enter_context(_patched(tape, "gradient", tape_gradient))
         stack.enter_context(_patched(gradients_util, "_GradientsHelper", graph_gradients))
         stack.enter_context(_patched(pfor_ops, "pfor", loop(lambda d: d + 1)))

@@ -36,6 +36,7 @@ from ._keras_compat import use_keras37_step
 from .api import FrozenFunction
 from .dryrun import plan
 from .errors import RuleError, UnsupportedGraphError
+from .optimizer_state import extend_model_optimizer, filtered_build, finalize_known
 from .rewritten import Rewritten
 from .rules import Rule, RuleLike, as_rule
 from .unfreezing import GradualUnfreezing
@@ -44,6 +45,9 @@ from .variables import is_keras_model
 __all__ = ["freeze", "unfreeze", "rules", "rewritten", "frozen_step", "GradualUnfreezing"]
 
 _STEP_FUNCTION = "one_step_on_data"  # the per-step function Keras's train function calls
+# Model methods a frozen model routes through graphfreeze (instance attributes, bypassing
+# Keras's tracking: routing, not model state, never saved).
+_ROUTED = ("make_train_function", "_symbolic_build", "fit")
 
 
 def _check_model(model: Any) -> None:
@@ -90,6 +94,18 @@ class _Routing:
         self.batchnorm_inference = batchnorm_inference
         self.allow_opaque = allow_opaque
         self.step: FrozenFunction | None = None
+
+    def _symbolic_build(self, *args: Any, **kwargs: Any) -> Any:
+        """Keras builds the optimizer here under a distribution strategy: only for what
+        the rules leave trainable (see graphfreeze/optimizer_state.py)."""
+        with filtered_build(getattr(self.model, "optimizer", None), self.rules):
+            return type(self.model)._symbolic_build(self.model, *args, **kwargs)
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        """Keras's fit; its final EMA copy goes variable by variable, never into a wholly
+        frozen variable (the optimizer may hold averages for the trainable ones only)."""
+        with finalize_known(getattr(self.model, "optimizer", None), self.rules):
+            return type(self.model).fit(self.model, *args, **kwargs)
 
     def make_train_function(self, force: bool = False) -> Any:
         model = self.model
@@ -150,9 +166,9 @@ def freeze(model: Any, *rules: RuleLike, batchnorm_inference: bool = False,
                         "to train everything.")
     plan(model, *checked)  # resolve against the model's variables: errors surface now
     routing = _Routing(model, checked, batchnorm_inference, allow_opaque)
-    # Bypass Keras's attribute tracking: this is routing, not model state, and must never
-    # reach a saved config.
-    object.__setattr__(model, "make_train_function", routing.make_train_function)
+    for name in _ROUTED:
+        if hasattr(type(model), name):
+            object.__setattr__(model, name, getattr(routing, name))
     model.train_function = None  # rebuilt (and rerouted) by the next fit / train_on_batch
     return model
 
@@ -164,8 +180,11 @@ def unfreeze(model: Any) -> Any:
     """
     _check_model(model)
     if _routing(model) is not None:
-        object.__delattr__(model, "make_train_function")
+        for name in _ROUTED:
+            if name in model.__dict__:
+                object.__delattr__(model, name)
         model.train_function = None
+    extend_model_optimizer(model)
     return model
 
 

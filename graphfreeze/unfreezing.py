@@ -11,6 +11,7 @@ and the test function (validation) is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
@@ -21,6 +22,7 @@ import numpy as np
 from .api import FrozenFunction
 from .dryrun import variable_infos
 from .errors import FreezeError, RuleError
+from .optimizer_state import extend_model_optimizer, finalize_known
 from .rules import Rule, RuleLike, as_rule, resolve
 from .scale import resolve_scales
 from .variables import is_keras_model
@@ -163,6 +165,11 @@ class GradualUnfreezing(keras.callbacks.Callback):
                 raise RuleError(f"GradualUnfreezing schedule at epoch {epoch}: {e}") from None
         self._keys = keys
         self._active = None
+        self._rules: list[Rule] = []
+        # fit's final EMA copy: per variable, never into what the stage in force freezes
+        finalize = finalize_known(model.optimizer, lambda: self._rules)
+        finalize.__enter__()
+        self._finalize: contextlib.AbstractContextManager[None] | None = finalize
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         stage = self._stage_at(epoch)
@@ -171,6 +178,10 @@ class GradualUnfreezing(keras.callbacks.Callback):
     def on_train_end(self, logs: Any = None) -> None:
         self.model.train_function = self._keras_function
         self._active = None
+        finalize: contextlib.AbstractContextManager[None] | None = getattr(self, "_finalize", None)
+        self._finalize = None
+        if finalize is not None:
+            finalize.__exit__(None, None, None)
 
     # ------------------------------------------------------------------ switching
 
@@ -183,6 +194,10 @@ class GradualUnfreezing(keras.callbacks.Callback):
             function = self._functions[key] = self._build(key, rules)
         self.model.train_function = function
         self._active = key
+        self._rules = rules
+        # Keras's own train function (nothing frozen) refuses variables the optimizer holds
+        # no state for: create it now, as a fresh build would.
+        extend_model_optimizer(self.model, rules)
 
     def _build(self, key: RuleSetKey, rules: list[Rule]) -> Any:
         from .keras import route_train_function

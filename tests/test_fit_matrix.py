@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import mirrored, snapshot
-from keras_versions import KERAS
 from references import MaskedEmbedding, keep_of
 
 import graphfreeze as gf
@@ -30,23 +29,11 @@ Y = RNG.normal(size=(64, 3)).astype("float32")
 FIT = {"batch_size": 8, "epochs": 2, "shuffle": False, "verbose": 0}
 TOLERANCE = {"float32": 1e-5, "mixed_float16": 1e-3}
 
-# Known bug, found running the suite on the oldest supported Keras: graphfreeze prunes the
-# EMA average of a fully frozen variable (as frozen optimizer state), and at the end of fit
-# Keras's optimizer.finalize_variable_values copies every average into its variable, so the
-# frozen layer is overwritten with its never-updated average. Before Keras 3.12 the
-# dependence analysis recognises the average in fit's step and this happens; from 3.12 on
-# (whose EMA update is written differently) it does not. Remove the mark once fixed: the
-# strict xfail then fails, saying so.
-EMA_FINALIZE = pytest.mark.xfail(
-    KERAS < (3, 12), strict=True,
-    reason="known bug on Keras < 3.12: the pruned EMA average of a frozen variable overwrites "
-           "it in Keras's finalize_variable_values at the end of fit")
-
 #            policy            option    steps_per_execution  jit_compile
 CORNERS = [("float32",        "plain",  1, False),
            ("float32",        "lso",    4, True),
            ("float32",        "accum",  4, False),
-           pytest.param("float32", "ema", 1, True, marks=EMA_FINALIZE),
+           ("float32",        "ema",    1, True),
            ("float32",        "gclip",  4, False),
            ("mixed_float16",  "plain",  4, True),
            ("mixed_float16",  "lso",    1, False),
@@ -155,7 +142,7 @@ def test_fit_mixed_precision_embedding_rows():
 
 
 @pytest.mark.parametrize("policy,option", [("float32", "plain"),
-                                           pytest.param("float32", "ema", marks=EMA_FINALIZE),
+                                           ("float32", "ema"),
                                            ("mixed_float16", "lso")])
 def test_fit_matrix_under_mirrored_strategy(policy, option):
     # steps_per_execution stays 1: with more, Keras 3.15 / TF 2.21 fail under

@@ -48,7 +48,9 @@ def expected_frozen(model) -> dict[str, int]:
 @pytest.fixture
 def rewritten():
     model = mlp()
-    step = make_step(model, keras.optimizers.Adam(1e-2))
+    optimizer = keras.optimizers.Adam(1e-2)
+    optimizer.build(model.trainable_variables)  # hidden1's slots exist, to be pruned
+    step = make_step(model, optimizer)
     return model, gf.rewrite(step, RULES, *DATA[0]), step
 
 
@@ -280,7 +282,9 @@ def test_resnet50_picture_is_collapsed_and_legible(tmp_path):
     model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=5)
     x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
     y = np.array([1, 3], "int32")
-    rw = gf.rewrite(make_step(model, keras.optimizers.Adam(), keras.losses.SparseCategoricalCrossentropy()),
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)  # the whole traced step, frozen updates included
+    rw = gf.rewrite(make_step(model, optimizer, keras.losses.SparseCategoricalCrossentropy()),
                     ["*", gf.Unfreeze(model.layers[-1])], x, y)
     assert rw.original_graph.number_of_nodes() > 14000
     pic = rw.picture()

@@ -229,6 +229,7 @@ def test_state_inside_branches_is_pruned():
     variable's accumulator writes and the frozen gradient passed into the branch are gone."""
     model = mlp(SIZES)
     optimizer = OPTIMIZERS["Adam"](gradient_accumulation_steps=2)
+    optimizer.build(model.trainable_variables)  # built before freezing: hidden1 has state
     rw = gf.rewrite(make_step(model, optimizer), ["hidden1/*"], *DATA[0])
     assert any(p.endswith(("hidden1_kernel", "hidden1_bias")) or "_hidden1_" in p
                for p in rw.report().pruned_state)
