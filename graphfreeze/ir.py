@@ -30,9 +30,10 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2
 
+from .opkinds import NO_ORDERING
+
 Tensor = tuple[str, int]
 CTRL = "ctrl"
-_NO_ORDERING = frozenset({"Placeholder", "Const"})
 RETVAL = "_Retval"  # synthetic node standing for a function body's output k
 _DT_RESOURCE = tf.resource.as_datatype_enum
 
@@ -129,7 +130,7 @@ class IR:
         data, control = [], []
         for src, _, key, attrs in self.graph.in_edges(name, keys=True, data=True):
             if attrs["control"]:
-                if self.graph.nodes[src]["op"] not in _NO_ORDERING:
+                if self.graph.nodes[src]["op"] not in NO_ORDERING:
                     control.append("^" + src)
             else:
                 out = attrs["src_output"]
@@ -318,7 +319,7 @@ class IR:
                     seen.add(src)
                     if src in doomed:
                         stack.append(src)
-                    elif g.nodes[src]["op"] not in _NO_ORDERING:
+                    elif g.nodes[src]["op"] not in NO_ORDERING:
                         found.add(src)
             memo[n] = frozenset(found)
             return memo[n]
