@@ -22,7 +22,7 @@ from ..plan import Plan
 from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
-from .masks import frozen_mask, frozen_rows, slug
+from .masks import select_frozen, slug
 from .resources import check_known_use
 
 PASS = "stop_frozen_reads"
@@ -63,7 +63,6 @@ def _mask(ir: IR, plan: Plan, vf: VariableFreeze, anchor: str, x: Tensor,
     if vf.full:
         y = b.stop_gradient(x)
     else:
-        frozen = frozen_mask(b, vf) if indices is None else frozen_rows(b, vf, indices)
-        y = b.select(frozen, b.stop_gradient(x), x)
+        y = select_frozen(b, vf, b.stop_gradient(x), x, indices)
     ir.replace_uses(x, y, exclude=b.created)
     plan.notes.inserted.extend(b.created)
