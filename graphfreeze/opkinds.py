@@ -44,7 +44,7 @@ SHAPE_QUERIES = frozenset({"Shape", "ShapeN", "Size", "Rank", "VariableShape", "
 
 
 # Ops whose output is an entry-by-entry function of their inputs. Ownership (which
-# variable's state a value is, see passes/dependence.py) flows through these only.
+# variable's state a value is, see analysis/dependence.py) flows through these only.
 ELEMENTWISE = frozenset({
     "Identity", "StopGradient", "PreventGradient", "Cast", "Neg", "Abs", "Square", "Sqrt",
     "Rsqrt", "Reciprocal", "Exp", "Log", "Log1p", "Sign", "Tanh", "Sigmoid", "Relu", "Floor",

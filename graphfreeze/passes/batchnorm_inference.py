@@ -43,12 +43,12 @@ import re
 from collections.abc import Iterable
 
 from .. import opkinds
+from ..analysis.dependence import marked_placeholders
 from ..errors import UnsupportedGraphError
 from ..ir import IR, Tensor
 from ..plan import Plan
 from ..program import Program
 from .build import Builder
-from .dependence import marked_placeholders
 from .masks import slug
 
 PASS = "batchnorm_inference"
