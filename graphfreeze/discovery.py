@@ -5,18 +5,24 @@ state, metric) and name it by its Keras path.
 The step's own references come first (closure cells, globals it names, its `self`, a few
 levels deep); only when they leave a captured variable unexplained are the live Keras
 objects of the process searched (one pass of the garbage collector's list).
+
+`references` is the one walk over what a function reaches (closures, named globals, `self`):
+capture's discovery uses it, and so does gf.keras to find Keras's per-step function in the
+train function it builds (`closure_cell`). `variables_of` is gf.plan's walk from a model or
+a list of variables, where nothing is traced.
 """
 
 from __future__ import annotations
 
 import gc
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import tensorflow as tf
 
+from .errors import RuleError
 from .variables import is_keras_variable, metric_variables, module_variables, resource_variable
 
 
@@ -29,36 +35,100 @@ def keras_state_classes() -> tuple[type[Any], ...]:
         return ()
 
 
+@dataclass
+class Reference:
+    """A value a function's code refers to, and where it was found."""
+
+    value: Any
+    cell: Any = None  # the closure cell holding it (None: a global, or its `self` and attributes)
+
+
+def _code_of(value: Any) -> bool:
+    """Whether `value` is code whose references are followed: a function, a bound method or
+    a tf.function (its Python body)."""
+    return inspect.isfunction(value) or inspect.ismethod(value) or hasattr(value, "python_function")
+
+
+def _closure(fn: Any) -> Iterator[Any]:
+    """`fn`'s bound closure cells (a cell not yet bound holds nothing to find)."""
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            cell.cell_contents  # noqa: B018 - only whether it is bound
+        except ValueError:
+            continue
+        yield cell
+
+
+def _global_names(fn: Any) -> Iterator[Any]:
+    """The module globals `fn`'s code names (as inspect.getclosurevars finds them)."""
+    code, namespace = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+    if code is None or namespace is None:
+        return
+    for name in code.co_names:
+        if name in namespace:
+            yield namespace[name]
+
+
+def references(fn: Any, *, depth: int | None = None, with_globals: bool = True) -> Iterator[Reference]:
+    """What `fn` reaches: its closure cells, the globals it names (`with_globals`), its
+    `self` and that object's attributes, and the same for the functions among those, up to
+    `depth` levels of functions (None: all). The one walk behind capture's discovery (which
+    objects may own a captured variable) and gf.keras's search for Keras's per-step function
+    in the closures of the train function it builds."""
+    pending: list[tuple[Any, int]] = [(fn, 0)]
+    seen: set[int] = set()
+    while pending:
+        target, level = pending.pop()
+        for code in dict.fromkeys([target, inspect.unwrap(target)]):  # a wrapper and what it wraps
+            if id(code) in seen:
+                continue
+            seen.add(id(code))
+            owner = getattr(code, "__self__", None)
+            if owner is not None and not inspect.ismodule(owner):
+                yield Reference(owner)
+                for v in vars(owner).values() if hasattr(owner, "__dict__") else ():
+                    if not callable(v) or module_variables(v):
+                        yield Reference(v)
+                code = getattr(code, "__func__", code)
+            body = getattr(code, "python_function", code)  # a tf.function's Python body
+            found = [Reference(c.cell_contents, c) for c in _closure(body)]
+            if with_globals:
+                found += [Reference(v) for v in _global_names(body)]
+            for ref in found:
+                yield ref
+                if (depth is None or level < depth) and _code_of(ref.value):
+                    pending.append((ref.value, level + 1))
+
+
 def reachable_objects(fn: Callable, depth: int = 3) -> list[Any]:
     """Objects the step's code refers to: closure cells and globals it names, its `self`,
     and the same for the functions it refers to (a step calling `strategy.run(step_fn)`
     keeps the model and optimizer in step_fn's closure), a few levels deep."""
-    out: list[Any] = []
-    pending, seen = [(fn, 0)], set()
-    while pending:
-        target, level = pending.pop()
-        target = inspect.unwrap(target)
-        if id(target) in seen:
-            continue
-        seen.add(id(target))
-        owner = getattr(target, "__self__", None)
-        if owner is not None and not inspect.ismodule(owner):
-            out.append(owner)
-            out.extend(v for v in vars(owner).values() if not callable(v) or module_variables(v))
-            target = getattr(target, "__func__", target)
-        python_fn = getattr(target, "python_function", target)  # a tf.function's body
-        if not inspect.isfunction(python_fn):
-            continue
-        try:
-            cv = inspect.getclosurevars(python_fn)
-        except (TypeError, ValueError):
-            continue
-        for value in [*cv.nonlocals.values(), *cv.globals.values()]:
-            out.append(value)
-            if level < depth and (inspect.isfunction(value) or inspect.ismethod(value)
-                                  or hasattr(value, "python_function")):
-                pending.append((value, level + 1))
-    return out
+    return [ref.value for ref in references(fn, depth=depth)]
+
+
+def closure_cell(function: Any, wanted: Callable[[Any], bool]) -> Any:
+    """The first closure cell, in `function` or in the functions its closure holds (a
+    tf.function's Python body included), whose value `wanted` accepts; None if none does."""
+    return next((ref.cell for ref in references(function, with_globals=False)
+                 if ref.cell is not None and wanted(ref.value)), None)
+
+
+def variables_of(target: Any) -> list[Any]:
+    """The variables of a model, layer, tf.Module, variable, or any nesting of lists of
+    them, in their owners' order (gf.plan: no trace, so only what the target holds)."""
+    found = module_variables(target)
+    if found is not None:
+        return found
+    if resource_variable(target) is not None:
+        return [target]
+    if isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
+        out: list[Any] = []
+        for item in target:
+            out.extend(variables_of(item))
+        return out
+    raise RuleError(f"gf.plan needs a Keras model or layer, a tf.Module, or variables; got "
+                    f"{type(target).__name__}.")
 
 
 @dataclass
