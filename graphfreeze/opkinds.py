@@ -99,6 +99,9 @@ VALUE_READS = frozenset({"ReadVariableOp", "ResourceGather"})
 # Ops that pass their input through unchanged for the forward value.
 PASS_THROUGH = frozenset({"Identity", "StopGradient"})
 
+# Name scopes of the backward pass (GradientTape, tf.gradients): a node's first scope.
+BACKWARD_SCOPES = ("gradient_tape", "gradients")
+
 # Ops that keep a value, up to its dtype.
 CASTS = frozenset({"Identity", "Cast"})
 
