@@ -13,21 +13,21 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from .capture import trace
-from .emit import emit
-from .errors import RuleError, stage
-from .ir import IR
-from .optimizer_state import Journal, trainable_only
-from .passes import run_pipeline
-from .passes.dependence import Dependence, analyze
-from .passes.refusals import (
+from .analysis.dependence import Dependence, analyze
+from .analysis.refusals import (
     custom_gradient_nodes,
     refuse_opaque_ops,
     refuse_undifferentiable,
     refuse_unmarked_writes,
     refuse_unplaced_markers,
 )
-from .passes.state_roles import optimizer_state
+from .analysis.state_roles import optimizer_state
+from .capture import trace
+from .emit import emit
+from .errors import RuleError, stage
+from .ir import IR
+from .optimizer_state import Journal, trainable_only
+from .passes import run_pipeline
 from .plan import Plan, marker_sites
 from .program import Program
 from .rewritten import Rewritten

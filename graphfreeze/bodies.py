@@ -26,9 +26,6 @@ from .flops import op_flops
 from .ir import IR, RETVAL
 from .program import Program
 
-#: Name scopes of the backward pass (GradientTape, tf.gradients).
-BACKWARD_SCOPES = ("gradient_tape", "gradients")
-
 
 @dataclass
 class Body:
@@ -176,7 +173,7 @@ def program_bodies(original: Program, rewritten: Program, renamed: dict[str, str
             name, f"{parent_body.path}/{name}".lstrip("/"), parent_body.name, call, old,
             rewritten.bodies[name] if name in after else None, renamed.get(name),
             _frozen_args(original, old, frozen) if old is not None else frozenset(),
-            parent_body.backward or call.split("/", 1)[0] in BACKWARD_SCOPES,
+            parent_body.backward or call.split("/", 1)[0] in opkinds.BACKWARD_SCOPES,
             traced_shapes.get(name, {}))
         by_name[name] = body
         bodies.append(body)
@@ -256,7 +253,7 @@ def compare(body: Body, known_functions: set[str]) -> BodyChange:
         flops_before += f
         if n in gone:
             flops_removed[op] += f
-            if body.backward or n.split("/", 1)[0] in BACKWARD_SCOPES:
+            if body.backward or n.split("/", 1)[0] in opkinds.BACKWARD_SCOPES:
                 backward += f
     new_ones = set(added)
     for n, (op, f) in zip(after, _flops(body, new, after, new_calls)):

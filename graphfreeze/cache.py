@@ -3,7 +3,7 @@
 When the lowest layers of a model are frozen and deterministic, their output for a batch
 never changes, so computing it every epoch is waste (seed 001; TF Hub's retrain.py cached
 "bottlenecks" by hand). `gf.cache_frozen_prefix` finds that frontier on the rewritten
-training step's graph (passes/frontier.py), splits the step there, precomputes the
+training step's graph (analysis/frontier.py), splits the step there, precomputes the
 frontier activations of a `tf.data.Dataset` once, through `Dataset.cache` (in memory, or in
 a file for large datasets), and trains the rest of the step on them. The suffix is the
 original step's own graph from the frontier on, so it updates the original model's
@@ -27,11 +27,11 @@ from typing import Any
 
 import tensorflow as tf
 
+from .analysis.frontier import Frontier, find_frontier
 from .api import _normalize, rewrite
 from .emit import identifier, import_as_function
 from .errors import FreezeError
 from .passes.dead_code import remove_dead, side_effect_roots
-from .passes.frontier import Frontier, find_frontier
 from .rewritten import Rewritten
 from .rules import RuleLike
 from .variables import VariableInfo, is_keras_model

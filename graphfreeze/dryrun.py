@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
+from .discovery import variables_of
 from .report import Report, all_parameters, trainable_parameters, variable_rows
 from .rules import RuleLike, as_rule, resolve
 from .scale import resolve_scales
@@ -12,26 +12,9 @@ from .variables import (
     VariableInfo,
     is_keras_variable,
     metric_variables,
-    module_variables,
     resource_variable,
     variable_path,
 )
-
-
-def _variables_of(target: Any) -> list[Any]:
-    found = module_variables(target)
-    if found is not None:
-        return found
-    if resource_variable(target) is not None:
-        return [target]
-    if isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
-        out: list[Any] = []
-        for item in target:
-            out.extend(_variables_of(item))
-        return out
-    from .errors import RuleError
-    raise RuleError(f"gf.plan needs a Keras model or layer, a tf.Module, or variables; got "
-                    f"{type(target).__name__}.")
 
 
 def variable_infos(model_or_variables: Any) -> list[VariableInfo]:
@@ -40,9 +23,9 @@ def variable_infos(model_or_variables: Any) -> list[VariableInfo]:
     metrics = {id(resource_variable(v)) for v in metric_variables(model_or_variables)}
     seen: set[int] = set()
     infos: list[VariableInfo] = []
-    for v in _variables_of(model_or_variables):
+    for v in variables_of(model_or_variables):
         var = resource_variable(v)
-        assert var is not None, "_variables_of returns variables only"
+        assert var is not None, "variables_of returns variables only"
         if id(var) in seen:
             continue
         seen.add(id(var))

@@ -14,20 +14,7 @@ from typing import Any
 
 import networkx as nx
 
-from .opkinds import CALL_TARGETS
-
-FREE = frozenset({
-    "Const", "Placeholder", "Identity", "IdentityN", "NoOp", "Reshape", "Squeeze", "ExpandDims",
-    "Shape", "ShapeN", "Size", "Rank", "ReadVariableOp", "VarHandleOp", "StopGradient",
-    "PreventGradient", "_Retval", "BroadcastGradientArgs", "StridedSlice", "ConcatV2", "Pack",
-    "Unpack", "Fill", "ZerosLike", "OnesLike", "Cast", "Transpose", "Tile", "GatherV2",
-})
-REDUCTIONS = frozenset({"Sum", "Mean", "Max", "Min", "Prod", "BiasAddGrad", "L2Loss",
-                        "UnsortedSegmentSum", "EuclideanNorm", "All", "Any"})
-CALLS = frozenset(CALL_TARGETS)
-CONVOLUTIONS = frozenset({"Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter", "Conv3D",
-                          "DepthwiseConv2dNative", "DepthwiseConv2dNativeBackpropInput",
-                          "DepthwiseConv2dNativeBackpropFilter"})
+from .opkinds import CALL_TARGETS, CONVOLUTIONS, COST_FREE, COST_REDUCTIONS
 
 
 def _size(shape: Sequence[Any] | None) -> int | None:  # dims: int, or None when unknown
@@ -67,7 +54,7 @@ def op_flops(graph: nx.MultiDiGraph, node: str, traced: Mapping[str, list] | Non
     """
     data = graph.nodes[node]
     op = data["op"]
-    if op in FREE or op in CALLS:
+    if op in COST_FREE or op in CALL_TARGETS:
         return 0
     outs = _output_shapes(graph, node, traced)
     out = _size(outs[0]) if outs else 0
@@ -95,6 +82,6 @@ def op_flops(graph: nx.MultiDiGraph, node: str, traced: Mapping[str, list] | Non
             return None
         window = prod(filt[:-2]) * (1 if op.startswith("Depthwise") else filt[-2])
         return 2 * grad_size * window
-    if op in REDUCTIONS:
+    if op in COST_REDUCTIONS:
         return _size(ins[0]) if ins else None
     return out

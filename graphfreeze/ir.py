@@ -28,36 +28,19 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, tensor_pb2
+from tensorflow.core.framework import graph_pb2, node_def_pb2
+
+from .opkinds import NO_ORDERING
+from .protos import attr_value, drop_missing_colocations, parse_input, tensor_proto
 
 Tensor = tuple[str, int]
 CTRL = "ctrl"
-_NO_ORDERING = frozenset({"Placeholder", "Const"})
 RETVAL = "_Retval"  # synthetic node standing for a function body's output k
 _DT_RESOURCE = tf.resource.as_datatype_enum
 
 
 class LintError(RuntimeError):
     """An IR broke a structural invariant: a bug in graphfreeze (a pass), not in user input."""
-
-
-def parse_input(text: str) -> tuple[str, int, bool]:
-    """'name', 'name:3' or '^name' -> (node, output, is_control)."""
-    if text.startswith("^"):
-        return text[1:], -1, True
-    name, sep, idx = text.rpartition(":")
-    if sep and idx.isdigit():
-        return name, int(idx), False
-    return text, 0, False
-
-
-def graph_meta(graph: Any) -> dict[str, tuple[list, list]]:
-    """node name -> (output dtypes, output shapes) of a traced graph, for `IR.from_graph_def`
-    (a GraphDef alone does not carry them)."""
-    def shape(t: Any) -> tuple | None:
-        return None if t.shape.rank is None else tuple(t.shape.as_list())
-    return {op.name: ([t.dtype.as_datatype_enum for t in op.outputs], [shape(t) for t in op.outputs])
-            for op in graph.get_operations()}
 
 
 class IR:
@@ -122,14 +105,14 @@ class IR:
             del nd.input[:]
             nd.input.extend(self._input_strings(name))
             if "_class" in nd.attr:
-                _drop_missing_colocations(nd, present)
+                drop_missing_colocations(nd, present)
         return out
 
     def _input_strings(self, name: str) -> list[str]:
         data, control = [], []
         for src, _, key, attrs in self.graph.in_edges(name, keys=True, data=True):
             if attrs["control"]:
-                if self.graph.nodes[src]["op"] not in _NO_ORDERING:
+                if self.graph.nodes[src]["op"] not in NO_ORDERING:
                     control.append("^" + src)
             else:
                 out = attrs["src_output"]
@@ -250,7 +233,7 @@ class IR:
             name = f"{base}_{next(self._uid)}"
         nd = node_def_pb2.NodeDef(name=name, op=op, device=device)
         for key, value in (attrs or {}).items():
-            nd.attr[key].CopyFrom(_attr_value(value))
+            nd.attr[key].CopyFrom(attr_value(value))
         lower = max([self.graph.nodes[s]["order"] for s, _ in inputs] +
                     [self.graph.nodes[s]["order"] for s in control_inputs] +
                     ([after] if after is not None else [-1.0]))
@@ -267,7 +250,7 @@ class IR:
 
     def add_const(self, name: str, value: np.ndarray, dtype: tf.DType, *, device: str = "",
                   after: float | None = None, inserted_by: str = "") -> Tensor:
-        proto = _tensor_proto(np.asarray(value), dtype)
+        proto = tensor_proto(np.asarray(value), dtype)
         node = self.add_node(name, "Const", attrs={"value": proto, "dtype": dtype},
                              dtypes=[dtype], shapes=[np.shape(value)], device=device,
                              after=after, inserted_by=inserted_by)
@@ -318,7 +301,7 @@ class IR:
                     seen.add(src)
                     if src in doomed:
                         stack.append(src)
-                    elif g.nodes[src]["op"] not in _NO_ORDERING:
+                    elif g.nodes[src]["op"] not in NO_ORDERING:
                         found.add(src)
             memo[n] = frozenset(found)
             return memo[n]
@@ -413,41 +396,3 @@ class IR:
             if not attrs["control"] and attrs["dst_input"] == index:
                 return (src, node, key)
         raise KeyError(f"{node} has no input {index}")
-
-
-def _tensor_proto(value: np.ndarray, dtype: tf.DType) -> Any:
-    """A TensorProto holding `value` as raw bytes. `tf.make_tensor_proto` appends bools
-    one Python object at a time (a minute for 12M entries); a mask of 512M must not."""
-    if dtype == tf.bool or value.size > 1024 and dtype.is_numpy_compatible and \
-            dtype not in (tf.string, tf.resource, tf.variant):
-        return tensor_pb2.TensorProto(
-            dtype=dtype.as_datatype_enum, tensor_shape=tf.TensorShape(value.shape).as_proto(),
-            tensor_content=np.ascontiguousarray(value, dtype=dtype.as_numpy_dtype).tobytes())
-    return tf.make_tensor_proto(value, dtype=dtype)
-
-
-def _attr_value(value: Any) -> Any:
-    if isinstance(value, attr_value_pb2.AttrValue):
-        return value
-    if isinstance(value, tf.DType):
-        return attr_value_pb2.AttrValue(type=value.as_datatype_enum)
-    if isinstance(value, bool):
-        return attr_value_pb2.AttrValue(b=value)
-    if isinstance(value, int):
-        return attr_value_pb2.AttrValue(i=value)
-    if isinstance(value, str):
-        return attr_value_pb2.AttrValue(s=value.encode())
-    if hasattr(value, "dtype") and hasattr(value, "tensor_shape"):  # TensorProto
-        return attr_value_pb2.AttrValue(tensor=value)
-    raise TypeError(f"unsupported attr value {value!r}")
-
-
-def _drop_missing_colocations(nd: Any, graph: nx.MultiDiGraph) -> None:
-    """Colocation hints that name removed nodes would make the importer fail."""
-    keep = [s for s in nd.attr["_class"].list.s
-            if not s.startswith(b"loc:@") or s[5:].decode() in graph]
-    if keep:
-        del nd.attr["_class"].list.s[:]
-        nd.attr["_class"].list.s.extend(keep)
-    else:
-        del nd.attr["_class"]

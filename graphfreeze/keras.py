@@ -34,6 +34,7 @@ from typing import Any
 from . import keras_legacy
 from ._keras_compat import use_keras37_step
 from .api import FrozenFunction
+from .discovery import closure_cell
 from .dryrun import plan
 from .errors import RuleError, UnsupportedGraphError
 from .optimizer_state import extend_model_optimizer, filtered_build, finalize_known
@@ -54,28 +55,6 @@ def _check_model(model: Any) -> None:
     if not is_keras_model(model):
         raise RuleError(f"gf.keras.freeze needs a Keras Model, got {type(model).__name__}; "
                         "for a custom training step use @gf.freeze on the step.")
-
-
-def closure_cell(function: Any, wanted: Callable[[Any], bool]) -> Any:
-    """The first closure cell, in `function` or in the functions its closure holds (a
-    tf.function's Python body included), whose value `wanted` accepts; None if none does."""
-    pending, seen = [function], set()
-    while pending:
-        fn = pending.pop()
-        fn = getattr(fn, "python_function", fn)
-        if id(fn) in seen or getattr(fn, "__closure__", None) is None:
-            continue
-        seen.add(id(fn))
-        for cell in fn.__closure__:
-            try:
-                value = cell.cell_contents
-            except ValueError:  # a variable not yet bound
-                continue
-            if wanted(value):
-                return cell
-            if callable(value):
-                pending.append(value)
-    return None
 
 
 def _is_step_function(value: Any) -> bool:

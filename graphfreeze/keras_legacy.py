@@ -21,6 +21,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from .discovery import closure_cell
 from .errors import FreezeError, RuleError, UnsupportedGraphError
 from .variables import resource_variable
 
@@ -75,8 +76,6 @@ def _is_step_function(value: Any) -> bool:
 def route(model: Any, make_step: Callable[[Callable], Any]) -> Any:
     """Build the model's train function as tf_keras does, then route its per-step work
     through `make_step(one_step_on_data)` (a FrozenFunction). Returns that step."""
-    from .keras import closure_cell  # keras.py imports this module
-
     function = type(model).make_train_function(model, force=True)
     cell = closure_cell(function, _is_step_function)
     if cell is None:

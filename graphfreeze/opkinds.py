@@ -44,7 +44,7 @@ SHAPE_QUERIES = frozenset({"Shape", "ShapeN", "Size", "Rank", "VariableShape", "
 
 
 # Ops whose output is an entry-by-entry function of their inputs. Ownership (which
-# variable's state a value is, see passes/dependence.py) flows through these only.
+# variable's state a value is, see analysis/dependence.py) flows through these only.
 ELEMENTWISE = frozenset({
     "Identity", "StopGradient", "PreventGradient", "Cast", "Neg", "Abs", "Square", "Sqrt",
     "Rsqrt", "Reciprocal", "Exp", "Log", "Log1p", "Sign", "Tanh", "Sigmoid", "Relu", "Floor",
@@ -62,6 +62,71 @@ POSITION_PRESERVING = frozenset({
     "CollectiveReduceV2", "CollectiveReduce", "NcclAllReduce", "Identity", "StopGradient",
     "Cast", "Mul", "RealDiv", "Div", "DivNoNan", "AddV2", "Sub", "Neg", "Reshape",
 })
+
+
+# Ops that draw random numbers or hold random state (their output changes between runs or
+# epochs, so nothing below them can be cached). Explicit, so a new kernel is not guessed at.
+RANDOM = frozenset({
+    "RandomUniform", "RandomUniformInt", "RandomStandardNormal", "RandomGamma",
+    "RandomGammaGrad", "RandomPoisson", "RandomPoissonV2", "RandomShuffle", "RandomCrop",
+    "RandomIndexShuffle", "RandomShuffleQueue", "RandomShuffleQueueV2", "RandomDataset",
+    "RandomDatasetV2", "ExperimentalRandomDataset", "AnonymousRandomSeedGenerator",
+    "DeleteRandomSeedGenerator", "RiscRandomUniform", "TruncatedNormal",
+    "ParameterizedTruncatedNormal", "Multinomial", "RngReadAndSkip", "RngSkip",
+    "XlaRngBitGenerator", "StatefulRandomBinomial", "StatefulStandardNormal",
+    "StatefulStandardNormalV2", "StatefulTruncatedNormal", "StatefulUniform",
+    "StatefulUniformFullInt", "StatefulUniformInt", "StatelessRandomBinomial",
+    "StatelessRandomGammaV2", "StatelessRandomGammaV3", "StatelessRandomGetAlg",
+    "StatelessRandomGetKeyCounter", "StatelessRandomGetKeyCounterAlg", "StatelessRandomNormal",
+    "StatelessRandomNormalV2", "StatelessRandomPoisson", "StatelessRandomUniform",
+    "StatelessRandomUniformFullInt", "StatelessRandomUniformFullIntV2",
+    "StatelessRandomUniformInt", "StatelessRandomUniformIntV2", "StatelessRandomUniformV2",
+    "StatelessTruncatedNormal", "StatelessTruncatedNormalV2", "StatelessMultinomial",
+    "StatelessParameterizedTruncatedNormal",
+})
+
+# Ops whose output is zero wherever their first (data) input is zero, so a frozen
+# variable's zero gradient stays zero through them (passes/fold_zeros.py).
+ZERO_PRESERVING = frozenset({
+    "Identity", "Reshape", "Cast", "StopGradient", "Neg", "Square", "Squeeze", "ExpandDims",
+    "Transpose", "Sum", "Mean", "Max", "Min", "L2Loss", "UnsortedSegmentSum", "Abs", "Sqrt",
+    "CollectiveReduceV2", "CollectiveReduce", "NcclAllReduce", "Relu", "Sign",
+})
+
+# Reads that yield the variable's value (or rows of it), as opposed to its shape.
+VALUE_READS = frozenset({"ReadVariableOp", "ResourceGather"})
+
+# Ops that pass their input through unchanged for the forward value.
+PASS_THROUGH = frozenset({"Identity", "StopGradient"})
+
+# Name scopes of the backward pass (GradientTape, tf.gradients): a node's first scope.
+BACKWARD_SCOPES = ("gradient_tape", "gradients")
+
+# Ops that keep a value, up to its dtype.
+CASTS = frozenset({"Identity", "Cast"})
+
+# Nodes that need no ordering: control edges from them carry nothing.
+NO_ORDERING = frozenset({"Placeholder", "Const"})
+
+# BatchNorm: the fused kernels, and the arithmetic of a moving-average update
+# (passes/batchnorm_inference.py follows statistics through these only).
+FUSED_BATCH_NORMS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
+UPDATE_ARITHMETIC = frozenset({"Mul", "AddV2", "Add", "Sub", "Cast", "Identity"})
+SUMS = frozenset({"AddN", "AddV2", "Add"})
+
+# The cost model (flops.py): ops that move or describe data but compute nothing, reductions
+# (cost: one operation per input entry) and convolutions.
+COST_FREE = frozenset({
+    "Const", "Placeholder", "Identity", "IdentityN", "NoOp", "Reshape", "Squeeze", "ExpandDims",
+    "Shape", "ShapeN", "Size", "Rank", "ReadVariableOp", "VarHandleOp", "StopGradient",
+    "PreventGradient", "_Retval", "BroadcastGradientArgs", "StridedSlice", "ConcatV2", "Pack",
+    "Unpack", "Fill", "ZerosLike", "OnesLike", "Cast", "Transpose", "Tile", "GatherV2",
+})
+COST_REDUCTIONS = frozenset({"Sum", "Mean", "Max", "Min", "Prod", "BiasAddGrad", "L2Loss",
+                             "UnsortedSegmentSum", "EuclideanNorm", "All", "Any"})
+CONVOLUTIONS = frozenset({"Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter", "Conv3D",
+                          "DepthwiseConv2dNative", "DepthwiseConv2dNativeBackpropInput",
+                          "DepthwiseConv2dNativeBackpropFilter"})
 
 
 def is_write(op: str) -> bool:

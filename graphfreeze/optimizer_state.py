@@ -38,7 +38,8 @@ import tensorflow as tf
 
 from .capture import _TRACE_LOCK
 from .errors import RuleError
-from .rules import Rule, match_target
+from .rules import Rule
+from .targets import match_target
 from .variables import VariableInfo, is_keras_variable, resource_variable, variable_path
 
 

@@ -48,7 +48,7 @@ class Plan:
     capture: Capture
     freezes: list[VariableFreeze]
     sites: list[MarkerSite] = field(default_factory=list)  # every gradient marker, located
-    dependence: Any = None                  # passes.dependence.Dependence of the trace
+    dependence: Any = None                  # analysis.dependence.Dependence of the trace
     gradient_owner: dict[int, VariableInfo] = field(default_factory=dict)  # index -> variable
     batchnorm_inference: bool = False       # run fully frozen BatchNorm in inference mode
     notes: Notes = field(default_factory=Notes)

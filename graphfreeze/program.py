@@ -23,7 +23,8 @@ from tensorflow.python.framework import function_def_to_graph, importer, op_def_
 
 from . import opkinds
 from .errors import UnsupportedGraphError, stage
-from .ir import IR, RETVAL, Tensor, _drop_missing_colocations, graph_meta
+from .ir import IR, RETVAL, Tensor
+from .protos import drop_missing_colocations, graph_meta
 
 _FRESH = itertools.count()
 
@@ -345,7 +346,7 @@ class Program:
             nd.input.extend(sorted(f"^{s}" for s in body.control_inputs(node)
                                    if s not in arg_names))
             if "_class" in nd.attr:
-                _drop_missing_colocations(nd, body.graph)
+                drop_missing_colocations(nd, body.graph)
         outputs = fdef.signature.output_arg
         for k, ret in enumerate(body.rets):
             fdef.ret[outputs[k].name] = ref(body.inputs(ret)[0])

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from .errors import RuleError
-from .rules import Freeze, Rule, RuleLike, Target, Unfreeze, VariableFreeze, as_rule, compress, match_target
+from .rules import Freeze, Rule, RuleLike, Unfreeze, VariableFreeze, as_rule, compress
+from .targets import Target, match_target
 from .variables import VariableInfo
 
 __all__ = ["Scale", "VariableScale", "resolve_scales", "check_factor"]

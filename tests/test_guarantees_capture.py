@@ -333,8 +333,8 @@ def test_plain_tf_optimizer_in_a_dict_is_recognised_from_the_graph():
 def test_keras_optimizer_state_is_recognised_from_the_graph_alone(make_optimizer, monkeypatch):
     """Even with the search for live Keras objects switched off, the graph tells every
     optimizer variable (slots, counters, learning rate, loss scale, EMA) from the model's."""
-    from graphfreeze import capture
-    monkeypatch.setattr(capture, "_live_keras_state", lambda unexplained: [])
+    from graphfreeze import discovery
+    monkeypatch.setattr(discovery, "live_keras_state", lambda unexplained: [])
     model = _bn_model()
     optimizers = {"main": make_optimizer()}
 

@@ -19,7 +19,8 @@ from conftest import batches, make_step, mlp
 import graphfreeze as gf
 from graphfreeze import cli
 from graphfreeze.flops import op_flops
-from graphfreeze.ir import IR, graph_meta
+from graphfreeze.ir import IR
+from graphfreeze.protos import graph_meta
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "inspect_target.py")
 DATA = batches(2, (16, 6), (16, 3))

@@ -43,18 +43,15 @@ import re
 from collections.abc import Iterable
 
 from .. import opkinds
+from ..analysis.dependence import marked_placeholders
 from ..errors import UnsupportedGraphError
 from ..ir import IR, Tensor
 from ..plan import Plan
 from ..program import Program
 from .build import Builder
-from .dependence import marked_placeholders
 from .masks import slug
 
 PASS = "batchnorm_inference"
-_ARITHMETIC = frozenset({"Mul", "AddV2", "Add", "Sub", "Cast", "Identity"})
-_FUSED = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
-_SUMS = frozenset({"AddN", "AddV2", "Add"})
 
 
 def batchnorm_inference(program: Program, plan: Plan) -> Program:
@@ -76,7 +73,7 @@ def batchnorm_inference(program: Program, plan: Plan) -> Program:
             if statistic is None:
                 continue
             stored, update = _use_stored_value(ir, plan, node, statistic, var)
-            if ir.op(statistic[0]) in _FUSED and statistic[1] in (1, 2):
+            if ir.op(statistic[0]) in opkinds.FUSED_BATCH_NORMS and statistic[1] in (1, 2):
                 fused.setdefault(id(ir), (ir, {}))[1].setdefault(statistic[0], {})[statistic[1]] = stored
                 continue
             scope = statistic[0].rpartition("/")[0]
@@ -103,7 +100,7 @@ def _batch_statistic(ir: IR, value: Tensor, resource: Tensor) -> Tensor | None:
             continue
         if op == "ReadVariableOp" and ir.inputs(t[0])[0] == resource:
             continue
-        if op in _ARITHMETIC and len(leaves) < 2:
+        if op in opkinds.UPDATE_ARITHMETIC and len(leaves) < 2:
             pending.extend(ir.inputs(t[0]))
         else:
             leaves.append(t)
@@ -128,7 +125,7 @@ def _expression_nodes(ir: IR, value: Tensor, stop: Tensor) -> set[str]:
     nodes, pending = set(), [value]
     while pending:
         t = pending.pop()
-        if t == stop or t[0] in nodes or ir.op(t[0]) not in _ARITHMETIC:
+        if t == stop or t[0] in nodes or ir.op(t[0]) not in opkinds.UPDATE_ARITHMETIC:
             continue
         nodes.add(t[0])
         pending.extend(ir.inputs(t[0]))
@@ -215,7 +212,7 @@ def _drop_contribution(ir: IR, b: Builder, node: str, indices: list[int], where:
     """`node`'s inputs `indices` carry gradient through the batch statistics: remove them."""
     op = ir.op(node)
     inputs = ir.inputs(node)
-    if op in _SUMS and len(indices) < len(inputs):
+    if op in opkinds.SUMS and len(indices) < len(inputs):
         if op == "AddN":
             ir.drop_inputs(node, indices)
             return

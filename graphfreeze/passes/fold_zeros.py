@@ -31,12 +31,6 @@ from ..program import Program
 from .build import Builder
 
 PASS = "fold_frozen_zeros"
-# Ops whose output is zero when their first (data) input is zero.
-_ZERO_IN_ZERO_OUT = frozenset({
-    "Identity", "Reshape", "Cast", "StopGradient", "Neg", "Square", "Squeeze", "ExpandDims",
-    "Transpose", "Sum", "Mean", "Max", "Min", "L2Loss", "UnsortedSegmentSum", "Abs", "Sqrt",
-    "CollectiveReduceV2", "CollectiveReduce", "NcclAllReduce", "Relu", "Sign",
-})
 
 
 def fold_frozen_zeros(program: Program, plan: Plan) -> Program:
@@ -75,7 +69,7 @@ def _zero_tensors(ir: IR) -> set[Tensor]:
         if op == "IdentityN":
             zeros.update((node, k) for k, t in enumerate(inputs) if t in zeros)
         elif op == "Mul" and any(t in zeros for t in inputs) or \
-                op in _ZERO_IN_ZERO_OUT and inputs[0] in zeros:
+                op in opkinds.ZERO_PRESERVING and inputs[0] in zeros:
             zeros.add((node, 0))
         elif op == "AddN" and all(t in zeros for t in inputs):
             zeros.add((node, 0))

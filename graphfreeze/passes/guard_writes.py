@@ -20,16 +20,14 @@ entry from outside; partly freezing a variable they write is refused by name.
 
 from __future__ import annotations
 
-import numpy as np
-
 from .. import opkinds
 from ..errors import UnsupportedGraphError
-from ..ir import IR
+from ..ir import IR, Tensor
 from ..plan import Plan
 from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
-from .masks import frozen_entries, frozen_mask, frozen_rows, slug
+from .masks import select_frozen, slug
 from .resources import check_known_use
 
 PASS = "guard_writes"
@@ -63,9 +61,9 @@ def _guard_partial(ir: IR, plan: Plan, node: str, index: int, vf: VariableFreeze
     b = Builder(ir, PASS, node, f"graphfreeze/{PASS}/{slug(var.path)}")
     if op == "AssignVariableOp":
         old = b.read(inputs[0], var.dtype, var.shape, "old")
-        ir.set_input(node, 1, b.select(frozen_mask(b, vf), old, inputs[1]))
+        ir.set_input(node, 1, select_frozen(b, vf, old, inputs[1]))
     elif op in ("AssignAddVariableOp", "AssignSubVariableOp"):
-        ir.set_input(node, 1, b.select(frozen_mask(b, vf), _scalar(b, inputs[1], 0), inputs[1]))
+        ir.set_input(node, 1, select_frozen(b, vf, 0, inputs[1]))
     elif op.startswith("ResourceScatterNd"):
         _guard_scatter(ir, b, node, inputs, vf, nd=True)
     elif op.startswith("ResourceScatter"):
@@ -78,24 +76,18 @@ def _guard_partial(ir: IR, plan: Plan, node: str, index: int, vf: VariableFreeze
     plan.notes.inserted.extend(b.created)
 
 
-def _scalar(b: Builder, like, value) -> tuple:
-    dtype = b.ir.dtype(like)
-    return b.const(f"scalar_{value}", np.asarray(value, dtype.as_numpy_dtype), dtype)
-
-
 def _guard_scatter(ir: IR, b: Builder, node: str, inputs, vf: VariableFreeze, *, nd: bool) -> None:
     op = ir.op(node)
     kind = op[len("ResourceScatterNd" if nd else "ResourceScatter"):]
     resource, indices, updates = inputs[0], inputs[1], inputs[2]
-    frozen_at = frozen_entries(b, vf, indices) if nd else frozen_rows(b, vf, indices)
+    at_frozen: Tensor | float
     if kind in ("Add", "Sub"):
-        new = b.select(frozen_at, _scalar(b, updates, 0), updates)
+        at_frozen = 0
     elif kind in ("Mul", "Div"):
-        new = b.select(frozen_at, _scalar(b, updates, 1), updates)
+        at_frozen = 1
     elif kind in ("Update", "Min", "Max"):
-        old = b.resource_gather(resource, indices, ir.dtype(updates), "old_rows", nd=nd)
-        new = b.select(frozen_at, old, updates)
+        at_frozen = b.resource_gather(resource, indices, ir.dtype(updates), "old_rows", nd=nd)
     else:
         raise UnsupportedGraphError(f"{op} node {node!r} writes a partly frozen variable "
                                     f"{vf.variable.path!r}; {op} is not guarded yet.")
-    ir.set_input(node, 2, new)
+    ir.set_input(node, 2, select_frozen(b, vf, at_frozen, updates, indices, nd=nd))

@@ -15,12 +15,10 @@ NaN (0 * inf), and cannot reach the optimizer.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..plan import Plan
 from ..program import Program
 from .build import Builder
-from .masks import frozen_mask, frozen_rows, slug
+from .masks import select_frozen, slug
 
 PASS = "mask_gradients"
 
@@ -38,13 +36,11 @@ def mask_gradients(program: Program, plan: Plan) -> Program:
             if vf.full:
                 new = b.zeros_rows(indices, var.shape[1:], dtype)
             else:
-                zero = b.const("zero", np.zeros((), dtype.as_numpy_dtype), dtype)
-                new = b.select(frozen_rows(b, vf, indices), zero, grad)
+                new = select_frozen(b, vf, 0, grad, indices, name="zero")
         elif vf.full:
             new = b.zeros(var.shape, dtype)
         else:
-            zero = b.const("zero", np.zeros((), dtype.as_numpy_dtype), dtype)
-            new = b.select(frozen_mask(b, vf), zero, grad)
+            new = select_frozen(b, vf, 0, grad, name="zero")
         ir.set_input(marker.values, 0, new)
         plan.notes.inserted.extend(b.created)
     return program

@@ -103,6 +103,32 @@ def frozen_entries(b: Builder, vf: VariableFreeze, indices: Tensor) -> Tensor:
     return compact_entries(b, frozen_mask(b, vf), vf.compact.shape, indices, "frozen")
 
 
+def frozen_at(b: Builder, vf: VariableFreeze, indices: Tensor | None = None, *,
+              nd: bool = False) -> Tensor:
+    """The mask where a use touches the variable: all of it (`indices` None), rows
+    `indices` (a gather or scatter along axis 0), or ScatterNd/GatherNd index tuples (`nd`)."""
+    if indices is None:
+        return frozen_mask(b, vf)
+    return frozen_entries(b, vf, indices) if nd else frozen_rows(b, vf, indices)
+
+
+def scalar_like(b: Builder, like: Tensor, value: float, name: str) -> Tensor:
+    """The scalar `value` in the dtype of `like` (float16, bfloat16 and integers kept)."""
+    dtype = b.ir.dtype(like)
+    return b.const(name, np.asarray(value, dtype.as_numpy_dtype), dtype)
+
+
+def select_frozen(b: Builder, vf: VariableFreeze, at_frozen: Tensor | float, value: Tensor,
+                  indices: Tensor | None = None, *, nd: bool = False, name: str = "") -> Tensor:
+    """where(frozen, at_frozen, value) with `vf`'s shared bool mask (see `frozen_at`): a
+    select, never a multiply, so an inf or NaN on either side stays where it is. A number
+    `at_frozen` becomes a scalar constant of `value`'s dtype named `name`."""
+    frozen = frozen_at(b, vf, indices, nd=nd)
+    if not isinstance(at_frozen, tuple):
+        at_frozen = scalar_like(b, value, at_frozen, name or f"scalar_{at_frozen}")
+    return b.select(frozen, at_frozen, value)
+
+
 def compact_rows(b: Builder, compact: Tensor, shape: tuple[int, ...], indices: Tensor,
                  what: str) -> Tensor:
     """Rows `indices` (axis 0) of a compact constant of `shape` (axes collapsed to 1 where it
@@ -111,8 +137,7 @@ def compact_rows(b: Builder, compact: Tensor, shape: tuple[int, ...], indices: T
         index_shape = b.ir.shape(indices)
         if index_shape is not None and len(index_shape) == 1:
             return compact
-        zero = b.const("row_zero", np.zeros((), b.ir.dtype(indices).as_numpy_dtype),
-                       b.ir.dtype(indices))  # ... but row 0 taken as often as indices say
+        zero = scalar_like(b, indices, 0, "row_zero")  # ... but row 0 as often as indices say
         indices = b.mul(indices, zero, "row_index")
     return b.gather_rows(compact, indices, f"{what}_rows")
 

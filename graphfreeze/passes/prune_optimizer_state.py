@@ -13,9 +13,9 @@ fully frozen variable's optimizer state is not touched at all: freezing is a pau
 
 from __future__ import annotations
 
+from ..analysis.dependence import marked_placeholders
 from ..plan import Plan
 from ..program import Program
-from .dependence import marked_placeholders
 
 
 def prune_optimizer_state(program: Program, plan: Plan) -> Program:

@@ -15,8 +15,6 @@ compact array (one per graph and variable). Gradients are not touched: the updat
 
 from __future__ import annotations
 
-import numpy as np
-
 from .. import opkinds
 from ..errors import UnsupportedGraphError
 from ..ir import IR, Tensor
@@ -24,7 +22,7 @@ from ..plan import Plan
 from ..program import Program
 from ..scale import VariableScale
 from .build import Builder
-from .masks import compact_entries, compact_rows, shared_const, slug
+from .masks import compact_entries, compact_rows, scalar_like, shared_const, slug
 from .resources import check_known_use
 
 PASS = "scale_writes"
@@ -49,7 +47,7 @@ def _factor(b: Builder, vs: VariableScale, dtype) -> Tensor:
 
 def _toward(b: Builder, f: Tensor, old: Tensor, new: Tensor) -> Tensor:
     """old + f * (new - old), with the ops every backend has (Mul, AddV2)."""
-    minus_one = b.const("minus_one", np.asarray(-1, b.ir.dtype(old).as_numpy_dtype), b.ir.dtype(old))
+    minus_one = scalar_like(b, old, -1, "minus_one")
     step = b.add(new, b.mul(minus_one, old, "neg_old"), "step")
     return b.add(old, b.mul(f, step, "scaled_step"), "scaled")
 

@@ -16,22 +16,23 @@ with the mask rows gathered by the same indices, so the caller's gradient stays 
 
 from __future__ import annotations
 
+from .. import opkinds
 from ..ir import IR, Tensor
 from ..plan import Plan
 from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
-from .masks import frozen_mask, frozen_rows, slug
+from .masks import select_frozen, slug
 from .resources import check_known_use
 
 PASS = "stop_frozen_reads"
-_VALUE_READS = ("ReadVariableOp", "ResourceGather")
 
 
 def stop_frozen_reads(program: Program, plan: Plan) -> Program:
     for vf in plan.freezes:
         for ir, node, _ in program.resource_uses(program.main, (vf.variable.placeholder, 0)):
-            if check_known_use(ir, node, vf.variable.path) != "read" or ir.op(node) not in _VALUE_READS:
+            if (check_known_use(ir, node, vf.variable.path) != "read"
+                    or ir.op(node) not in opkinds.VALUE_READS):
                 continue
             if ir.op(node) == "ResourceGather":
                 _mask(ir, plan, vf, node, (node, 0), indices=ir.inputs(node)[1])
@@ -62,7 +63,6 @@ def _mask(ir: IR, plan: Plan, vf: VariableFreeze, anchor: str, x: Tensor,
     if vf.full:
         y = b.stop_gradient(x)
     else:
-        frozen = frozen_mask(b, vf) if indices is None else frozen_rows(b, vf, indices)
-        y = b.select(frozen, b.stop_gradient(x), x)
+        y = select_frozen(b, vf, b.stop_gradient(x), x, indices)
     ir.replace_uses(x, y, exclude=b.created)
     plan.notes.inserted.extend(b.created)

@@ -73,7 +73,7 @@ def _lint_masks(ir: IR, plan: Plan) -> None:
 
 
 def _lint_dependence(program: Program, plan: Plan) -> None:
-    from .dependence import analyze  # the analysis imports the program; keep this light
+    from ..analysis.dependence import analyze  # the analysis imports the program; keep this light
 
     before = plan.dependence
     now, _ = analyze(program, plan.sites, plan.capture.variable_by_placeholder)

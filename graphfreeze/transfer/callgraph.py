@@ -21,7 +21,6 @@ _IGNORED_KEYS = frozenset({"name", "trainable", "dtype", "seed", "momentum", "re
                            "quantization_config"})
 _IGNORED_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
 _MATCHABLE_ROOTS = ("input", "constant")
-_TRANSPARENT_OPS = frozenset({"Identity", "StopGradient"})
 
 
 @dataclass(eq=False)

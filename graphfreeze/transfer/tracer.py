@@ -15,7 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .callgraph import _TRANSPARENT_OPS, _call_args, _functional, _Graph, _keras_graph, _Site
+from ..opkinds import PASS_THROUGH
+from .callgraph import _call_args, _functional, _Graph, _keras_graph, _Site
 from .results import GraphMode, Ref, TransferError
 
 _RECORD_LOCK = threading.RLock()
@@ -112,7 +113,7 @@ class _TraceBuilder:
 
     def _through(self, tensor: tf.Tensor) -> tf.Tensor:
         """Past the identities tracing adds, to the tensor a layer or an op produced."""
-        while tensor.name not in self.produced and tensor.op.type in _TRANSPARENT_OPS:
+        while tensor.name not in self.produced and tensor.op.type in PASS_THROUGH:
             tensor = tensor.op.inputs[0]
         return tensor
 

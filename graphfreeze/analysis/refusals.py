@@ -133,12 +133,12 @@ def refuse_unmarked_writes(program: Program, plan: Plan) -> None:
                 f"{use.node!r}{_where(use.ir.name)}, {why}; or leave it out of the rules.")
 
 
-_BACKWARD_SCOPES = ("gradient_tape/", "gradients/")
+_BACKWARD_PREFIXES = tuple(f"{scope}/" for scope in opkinds.BACKWARD_SCOPES)
 
 
 def _is_backward(node: str, op: str) -> bool:
     """The tape's and tf.gradients' name scopes, *Grad and *Backprop* kernels."""
-    return node.startswith(_BACKWARD_SCOPES) or "Backprop" in op or \
+    return node.startswith(_BACKWARD_PREFIXES) or "Backprop" in op or \
         op.rstrip("V0123456789").endswith("Grad")
 
 

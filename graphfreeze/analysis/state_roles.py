@@ -34,7 +34,6 @@ from .dependence import Dependence, marked_placeholders
 from .dependence import optimizer_state as gradient_derived_state
 
 _VALUE_READS = opkinds.RESOURCE_READS - opkinds.SHAPE_QUERIES - {"VarIsInitializedOp"}
-_PASS_THROUGH = ("Identity", "Cast")
 
 
 def optimizer_state(program: Program, dep: Dependence, sites: list, variables: dict) -> set[str]:
@@ -89,7 +88,7 @@ def _counter_write(dep: Dependence, placeholder: str, ir: IR, node: str) -> str 
 
 
 def _through_casts(ir: IR, tensor: Tensor) -> Tensor:
-    while ir.op(tensor[0]) in _PASS_THROUGH:
+    while ir.op(tensor[0]) in opkinds.CASTS:
         tensor = ir.inputs(tensor[0])[0]
     return tensor
 

@@ -27,11 +27,6 @@ from ..ir import IR, RETVAL, Tensor
 from ..program import Program
 
 CONST, DATA, BLOCKED = 0, 1, 2
-_BATCH_REDUCTIONS = frozenset({"Mean", "Sum", "Max", "Min", "Prod", "All", "Any", "EuclideanNorm"})
-
-
-def _is_random(op: str) -> bool:
-    return "Random" in op or op in {"RngReadAndSkip", "RngSkip", "TruncatedNormal", "Multinomial"}
 
 
 @dataclass
@@ -55,7 +50,7 @@ class Frontier:
 
 
 def _reduces_batch(ir: IR, node: str, inputs: list[Tensor]) -> bool:
-    if ir.op(node) not in _BATCH_REDUCTIONS or len(inputs) < 2:
+    if ir.op(node) not in opkinds.REDUCTIONS or len(inputs) < 2:
         return False
     value = ir.const_value(inputs[1])
     if value is None:
@@ -74,7 +69,7 @@ def _body_is_pure(program: Program, ir: IR, node: str, seen: set[str] | None = N
         seen.add(callee.name)
         body = program.bodies[callee.name]
         for n, op in body.graph.nodes(data="op"):
-            if opkinds.is_write(op) or _is_random(op):
+            if opkinds.is_write(op) or op in opkinds.RANDOM:
                 return False
             if program.callees(body, n) and not _body_is_pure(program, body, n, seen):
                 return False
@@ -103,7 +98,7 @@ def find_frontier(program: Program, inputs: list[str], frozen: dict[str, str],
             status[node] = DATA if node in inputs else CONST
             continue
         if not ins:
-            if opkinds.has_side_effect(op) or _is_random(op):
+            if opkinds.has_side_effect(op) or op in opkinds.RANDOM:
                 status[node], cause[node] = BLOCKED, Stopper(node, op, "a stateful or random op")
             else:
                 status[node] = CONST
@@ -151,7 +146,7 @@ def _intrinsic_reason(program: Program, ir: IR, node: str, op: str, ins: list[Te
     """Why `node` itself cannot be cached, whatever its inputs; None when it could be."""
     if op in opkinds.RESOURCE_READS:
         return f"uses {variables.get(ins[0][0], ins[0][0])!r}, which is not fully frozen"
-    if _is_random(op):
+    if op in opkinds.RANDOM:
         return "a random op (Dropout, augmentation): its output changes between epochs"
     if worst == DATA and _reduces_batch(ir, node, ins):
         return ("reduces over the batch axis (BatchNorm in training mode?): an example's "
