@@ -90,10 +90,12 @@ class _Routing:
         model = self.model
         if model.train_function is not None and not force:
             return model.train_function
-        self.step = route_train_function(
-            model, lambda inner: FrozenFunction(inner, self.rules,
-                                                batchnorm_inference=self.batchnorm_inference,
-                                                allow_opaque=self.allow_opaque))
+        # Keras 3.0-3.6 under a strategy: the compat step builds the optimizer here
+        with filtered_build(getattr(model, "optimizer", None), self.rules):
+            self.step = route_train_function(
+                model, lambda inner: FrozenFunction(inner, self.rules,
+                                                    batchnorm_inference=self.batchnorm_inference,
+                                                    allow_opaque=self.allow_opaque))
         return model.train_function
 
 
