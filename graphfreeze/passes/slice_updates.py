@@ -227,6 +227,9 @@ class _Slicer:
             for key, value in ir.nodedef(node).attr.items():
                 if key != "_class":
                     nd.attr[key].CopyFrom(value)
+        # a copy of an op the step already ran: not held to INSERTED_OPS, which lists the
+        # kinds the passes introduce
+        ir.graph.nodes[new]["cloned"] = node
         b.created.append(new)
         return (new, 0)
 
