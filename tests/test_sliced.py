@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import batches, make_step, mlp
+from conftest import batches, make_step, mirrored, mlp
 from references import keep_of, masked_mlp
 
 import graphfreeze as gf
@@ -150,4 +150,116 @@ def test_keras_freeze_fit_keeps_slots_paused():
     for v in slots:
         assert np.array_equal(v.numpy()[frozen], before[v.path][frozen]), f"{v.path} moved"
         assert not np.array_equal(v.numpy()[~frozen], before[v.path][~frozen])
+    _assert_trainable_match(model, reference, frozen)
+
+
+class _SplitKernel(tf.Module):
+    """The hand-split program for hidden1/kernel along `axis`: the entries scaled by 0.1 as
+    one variable (its own optimizer, learning rate times 0.1), the ordinary ones as another,
+    the frozen ones a constant, put back in their order with a gather."""
+
+    def __init__(self, model, axis, slow, frozen):
+        super().__init__()
+        w = [v.numpy() for v in model.trainable_variables]
+        n = w[0].shape[axis]
+        fast = [i for i in range(n) if i not in slow and i not in frozen]
+        self.axis, self.order = axis, np.argsort(list(slow) + fast + list(frozen))
+        self.slow = keras.Variable(np.take(w[0], slow, axis), name="slow")
+        self.fast = keras.Variable(np.take(w[0], fast, axis), name="fast")
+        self.frozen = tf.constant(np.take(w[0], frozen, axis))
+        self.rest = [keras.Variable(v, name=f"w{i}") for i, v in enumerate(w[1:])]
+
+    def __call__(self, x, training=None):
+        k = tf.gather(tf.concat([self.slow, self.fast, self.frozen], self.axis), self.order,
+                      axis=self.axis)
+        b1, w2, b2, w3, b3 = self.rest
+        return tf.tanh(tf.tanh(x @ k + b1) @ w2 + b2) @ w3 + b3
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_scale_and_freeze_on_one_variable_slice_together(axis):
+    """gf.Scale on some rows (columns) and a freeze on others: the sliced update equals the
+    hand-split program with one optimizer per group; no full-size scaled update is left."""
+    line = (gf.Rows, gf.Columns)[axis]
+    slow, frozen = ([1, 3], [0, 5]) if axis == 0 else ([2, 7], [0, 4, 9])
+    model = mlp(SIZES)
+    reference = _SplitKernel(model, axis, slow, frozen)
+    rules = [gf.Scale(line("hidden1/kernel", slow), 0.1), line("hidden1/kernel", frozen)]
+    optimizer = keras.optimizers.Adam(1e-2)
+    rw = gf.rewrite(make_step(model, optimizer), rules, *DATA[0])
+    groups = {0.1: [reference.slow], 1.0: [reference.fast, *reference.rest]}
+    opts = {f: keras.optimizers.Adam(1e-2 * f) for f in groups}
+
+    @tf.function
+    def ref_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y, reference(x))
+        grads = tape.gradient(loss, groups[0.1] + groups[1.0])
+        opts[0.1].apply_gradients(zip(grads[:1], groups[0.1]))
+        opts[1.0].apply_gradients(zip(grads[1:], groups[1.0]))
+
+    kernel = model.get_layer("hidden1").kernel
+    start = kernel.numpy().copy()
+    for x, y in DATA:
+        rw(x, y)
+        ref_step(x, y)
+    now = kernel.numpy()
+    assert np.array_equal(np.take(now, frozen, axis), np.take(start, frozen, axis))  # S1
+    fast = [i for i in range(now.shape[axis]) if i not in slow + frozen]
+    np.testing.assert_allclose(np.take(now, slow, axis), reference.slow.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.take(now, fast, axis), reference.fast.numpy(), atol=1e-5, rtol=1e-5)
+    for v, r in zip(model.trainable_variables[1:], reference.rest):
+        np.testing.assert_allclose(v.numpy(), r.numpy(), atol=1e-5, rtol=1e-5)
+    for slot in _slots(optimizer):  # S4: frozen entries' moments never written
+        assert not np.take(slot.numpy(), frozen, axis).any()
+    notes = rw.plan.notes
+    assert notes.scaled_writes and len(notes.sliced_writes) == 3 and not notes.unsliced
+    full = [n for n, d in rw.graph.nodes(data=True) if d.get("inserted") == "scale_writes"
+            and d["shapes"] and d["shapes"][0] == (6, 12)]
+    assert not full, full
+
+
+def _components(variable):
+    value = getattr(variable, "_value", variable)
+    return list(value.values) if isinstance(value, tf.distribute.DistributedValues) else [value]
+
+
+@pytest.mark.parametrize("kind", ["rows", "mask"])
+def test_sliced_updates_on_every_replica(kind):
+    """MirroredStrategy: each replica's variable and slots are written at the trainable
+    entries only; the result equals the seed-002 reference under the same strategy."""
+    strategy = mirrored()
+    rules, frozen = _rules(kind)
+    with strategy.scope():
+        model = mlp(SIZES)
+        reference = masked_mlp(SIZES, {"hidden1": (keep_of(frozen), None)})
+        optimizer, ref_optimizer = keras.optimizers.Adam(1e-2), keras.optimizers.Adam(1e-2)
+        optimizer.build(model.trainable_variables)
+        ref_optimizer.build(reference.trainable_variables)
+
+    def distributed(step):
+        return tf.function(lambda x, y: strategy.reduce(
+            "SUM", strategy.run(step, args=(x, y)), axis=None))
+
+    plain = distributed(make_step(model, optimizer))
+    for x, y in DATA[:2]:  # moments built up before freezing
+        plain(x, y)
+    reference.set_weights(model.get_weights())
+    for a, b in zip(optimizer.variables, ref_optimizer.variables):
+        b.assign(a)
+    for b in _slots(ref_optimizer):  # seed-002 Adam would move frozen entries with them
+        b.assign(np.where(frozen, 0, b.numpy()))
+    slots = _slots(optimizer)
+    before = {v.path: [c.numpy().copy() for c in _components(v)] for v in slots}
+    rw = gf.rewrite(distributed(make_step(model, optimizer)), rules, *DATA[0])
+    ref_step = distributed(make_step(reference, ref_optimizer))
+    for x, y in DATA[2:]:
+        rw(x, y)
+        ref_step(x, y)
+    assert len(rw.plan.notes.sliced_writes) == 3 * strategy.num_replicas_in_sync
+    assert not rw.plan.notes.unsliced
+    for v in slots:
+        for c, b in zip(_components(v), before[v.path]):  # S4 on every replica
+            assert np.array_equal(c.numpy()[frozen], b[frozen]), f"{c.device}: {v.path} moved"
+            assert not np.array_equal(c.numpy()[~frozen], b[~frozen])
     _assert_trainable_match(model, reference, frozen)

@@ -35,7 +35,7 @@ from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
 from .guard_writes import _guard_scatter
-from .masks import frozen_mask, slug
+from .masks import compact_entries, compact_rows, frozen_mask, slug
 
 PASS = "slice_updates"
 _SCATTER = {"AssignVariableOp": "Update", "AssignAddVariableOp": "Add", "AssignSubVariableOp": "Sub"}
@@ -45,27 +45,30 @@ _CLONABLE = opkinds.ELEMENTWISE - {"Select"}
 
 def slice_updates(program: Program, plan: Plan) -> Program:
     dep = plan.dependence
-    if dep is None or plan.capture.strategy is not None:
+    if dep is None:
         return program
-    bit_of = {v.placeholder: i for i, v in plan.gradient_owner.items()}
+    # the per-replica components of a distributed variable share its gradient bit
+    bit_of = {id(v.variable): i for i, v in plan.gradient_owner.items()}
     by_placeholder = plan.capture.variable_by_placeholder
     for vf in plan.freezes:
-        p = vf.variable.placeholder
-        if not vf.partial or p not in bit_of:
+        bit = bit_of.get(id(vf.variable.variable))
+        if not vf.partial or bit is None:
             continue
-        slots = _slots(dep, p, bit_of[p], vf, by_placeholder)
+        slots = _slots(dep, bit, vf, by_placeholder)
         _Slicer(program, plan, vf, slots).run()
     return program
 
 
-def _slots(dep, placeholder: str, bit: int, vf: VariableFreeze, by_placeholder: dict) -> set[str]:
-    """Resources of V's shape and dtype written from V's gradient only, not V itself."""
+def _slots(dep, bit: int, vf: VariableFreeze, by_placeholder: dict) -> set[str]:
+    """Resources of V's shape written from V's gradient only, not V itself; under a
+    strategy, those of V's replica."""
     found = set()
     for r, bits in dep.resource_bits.items():
         g, _ = dep.split(bits)
         var = by_placeholder.get(r)
-        if r != placeholder and g == 1 << bit and var is not None and var.optimizer_state \
-                and tuple(var.shape) == tuple(vf.variable.shape):
+        if var is not None and g == 1 << bit and var.optimizer_state \
+                and var.replica == vf.variable.replica \
+                and r != vf.variable.placeholder and tuple(var.shape) == tuple(vf.variable.shape):
             found.add(r)
     return found
 
@@ -184,6 +187,25 @@ class _Slicer:
         rank = len(self.shape)
         return len(shape) < rank or shape[0] == 1
 
+    def _compact(self, tensor: Tensor) -> bool:
+        """Whether a tensor of V's rank has, on every axis, V's size or 1 (a compact array
+        that broadcasts to V's shape)."""
+        shape = self.ir.shape(tensor)
+        return shape is not None and len(shape) == len(self.shape) and None not in shape \
+            and all(d in (1, n) for d, n in zip(shape, self.shape))
+
+    def _slice_compact(self, b: Builder, tensor: Tensor) -> Tensor:
+        """A compact tensor at the trainable entries, broadcastable to the slice."""
+        if tensor not in self.memo:
+            shape = tuple(self.ir.shape(tensor))
+            if self.rows:
+                out = compact_rows(b, tensor, shape, self._indices(b), "compact")
+            else:
+                out = compact_entries(b, tensor, shape, self._indices(b), "compact")
+                self.ir.set_shape(out, self.sliced)
+            self.memo[tensor] = out
+        return self.memo[tensor]
+
     def _slice(self, b: Builder, tensor: Tensor) -> Tensor | None:
         """The trainable entries of a full-size tensor, computed on those entries."""
         if tensor in self.memo:
@@ -213,6 +235,8 @@ class _Slicer:
                     new_inputs.append(s)
                 elif self._broadcasts(t):
                     new_inputs.append(t)
+                elif self._compact(t):  # e.g. gf.Scale factors, one per row or column
+                    new_inputs.append(self._slice_compact(b, t))
                 else:
                     return self._gather(b, tensor)
             return self._clone(b, node, new_inputs)
