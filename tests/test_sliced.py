@@ -98,7 +98,7 @@ def _assert_trainable_match(model, reference, frozen, atol=1e-5):
 # Under the seed-002 mask, decoupled weight decay still moves the reference's frozen
 # entries and so its forward pass: AdamW has no comparable masked reference (S1 and S4
 # are checked for it above).
-@pytest.mark.parametrize("kind", ["rows", "columns", "mask"])
+@pytest.mark.parametrize("kind", ["rows", "columns", "mask", "unfreeze_rows"])
 @pytest.mark.parametrize("opt_name", sorted(set(OPTIMIZERS) - {"adamw"}))
 def test_trainable_entries_equal_seed002_reference(opt_name, kind):
     model, reference, rw, ref_step, frozen = _reference_pair(kind, OPTIMIZERS[opt_name])
@@ -108,6 +108,43 @@ def test_trainable_entries_equal_seed002_reference(opt_name, kind):
         ref_step(x, y)
     _assert_trainable_match(model, reference, frozen)
     assert np.array_equal(model.get_layer("hidden1").kernel.numpy()[frozen], start[frozen])
+
+
+@pytest.mark.parametrize("kind", ["rows", "columns", "mask"])
+@pytest.mark.parametrize("opt_name", sorted(set(OPTIMIZERS) - {"adamw"}))
+def test_pause_after_built_up_state_equals_seed002_reference(opt_name, kind):
+    """Slots built up by plain steps first: frozen entries' slots stay bitwise as they were,
+    trainable entries match the seed-002 mask whose optimizer starts from the same slots
+    with the frozen entries' at zero (with theirs, it would keep moving frozen weights)."""
+    rules, frozen = _rules(kind)
+    model = mlp(SIZES)
+    optimizer = OPTIMIZERS[opt_name]()
+    step = make_step(model, optimizer)
+    plain = tf.function(step)
+    for x, y in DATA[:3]:
+        plain(x, y)
+    reference = masked_mlp(SIZES, {"hidden1": (keep_of(frozen), None)})
+    reference.set_weights(model.get_weights())
+    ref_optimizer = OPTIMIZERS[opt_name]()
+    ref_optimizer.build(reference.trainable_variables)
+    for a, b in zip(optimizer.variables, ref_optimizer.variables):
+        b.assign(a)
+    ref_slots = _slots(ref_optimizer)
+    assert ref_slots
+    for b in ref_slots:
+        b.assign(np.where(frozen, 0, b.numpy()))
+    slots = _slots(optimizer)
+    before = {v.path: v.numpy().copy() for v in slots}
+    start = model.get_layer("hidden1").kernel.numpy().copy()
+    rw = gf.rewrite(step, rules, *DATA[0])
+    ref_step = tf.function(make_step(reference, ref_optimizer))
+    for x, y in DATA[3:]:
+        rw(x, y)
+        ref_step(x, y)
+    for v in slots:
+        assert np.array_equal(v.numpy()[frozen], before[v.path][frozen]), f"{v.path} moved"
+    assert np.array_equal(model.get_layer("hidden1").kernel.numpy()[frozen], start[frozen])
+    _assert_trainable_match(model, reference, frozen)
 
 
 @pytest.mark.parametrize("kind", ["rows", "columns"])
@@ -263,3 +300,25 @@ def test_sliced_updates_on_every_replica(kind):
             assert np.array_equal(c.numpy()[frozen], b[frozen]), f"{c.device}: {v.path} moved"
             assert not np.array_equal(c.numpy()[~frozen], b[~frozen])
     _assert_trainable_match(model, reference, frozen)
+
+
+@pytest.mark.parametrize("kind", ["rows", "columns", "unfreeze_rows"])
+def test_weight_gradient_product_is_computed_on_the_slice(kind):
+    """hidden1/kernel [6, 12]: the plain step's weight-gradient MatMul is [6, 12]; the
+    rewritten one is [trainable rows, 12] or [6, trainable columns], and no product of the
+    kernel's full shape is left."""
+    rules, frozen = _rules(kind)
+    model = mlp(SIZES)
+    step = make_step(model, keras.optimizers.Adam(1e-2))
+    plain = tf.function(step).get_concrete_function(*DATA[0]).graph
+    assert (6, 12) in {tuple(op.outputs[0].shape) for op in plain.get_operations()
+                       if op.type == "MatMul"}
+    rw = gf.rewrite(step, rules, *DATA[0])
+    products = [d["shapes"][0] for _, d in rw.graph.nodes(data=True) if d["op"] == "MatMul"]
+    assert (6, 12) not in products, products
+    rows, columns = (~frozen).any(1).sum(), (~frozen).any(0).sum()
+    assert ((rows, 12) if kind != "columns" else (6, columns)) in products, products
+    start = model.get_layer("hidden1").kernel.numpy().copy()
+    rw(*DATA[0])
+    now = model.get_layer("hidden1").kernel.numpy()
+    assert np.array_equal(now[frozen], start[frozen]) and not np.array_equal(now, start)

@@ -5,15 +5,20 @@ of V's shape written from V's gradient alone: Adam's moments, a momentum, RMSpro
 average) are rewritten so that frozen entries are never read-modify-written:
 
 * the value each write stores is cloned backwards through elementwise ops on the
-  trainable entries only: a read of V or of a slot becomes a gather of the trainable
-  entries (ResourceGather of rows; a read then GatherNd of entries, as XLA has no
-  ResourceGatherNd), any other full-size tensor (the gradient)
-  is gathered where the elementwise chain starts, scalars (learning rate, bias
-  corrections) are kept; a select on V's frozen mask (the guards of mask_gradients and
-  guard_writes) takes its trainable branch, since no trainable entry is frozen;
+  trainable entries only. When V's mask varies along one axis (Rows, Columns, a Mask of
+  whole lines), the slice keeps V's rank with that axis cut to the trainable lines;
+  otherwise it is the flat vector of trainable entries. A read of V or of a slot becomes
+  a gather of the trainable entries (ResourceGather of rows; a read then a gather, as XLA
+  has no ResourceGatherNd), a compact tensor (gf.Scale factors, a per-row constant) is
+  gathered the same way, a weight-gradient MatMul computes only the trainable rows or
+  columns (slice_products.py), any other full-size tensor is gathered where the
+  elementwise chain starts, scalars (learning rate, bias corrections) are kept; a select
+  on V's frozen mask (the guards of mask_gradients and guard_writes) takes its trainable
+  branch, since no trainable entry is frozen;
 * the write becomes a scatter at the trainable entries: Assign -> ResourceScatterUpdate,
-  AssignAdd/Sub -> ResourceScatterAdd/Sub (rows of a Rows mask), or their Nd forms at the
-  trainable (row, column, ...) tuples (Columns, Mask).
+  AssignAdd/Sub -> ResourceScatterAdd/Sub (rows), or their Nd forms at index tuples (a
+  grid of the leading axes and the trainable lines for another axis, every trainable
+  entry for a Mask).
 
 So the slots of frozen entries keep the values they had when freezing began, bit for bit:
 freezing is a pause for rows, columns and entries too. A write that cannot be sliced (a
@@ -35,7 +40,8 @@ from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
 from .guard_writes import _guard_scatter
-from .masks import compact_entries, compact_rows, frozen_mask, slug
+from .masks import compact_entries, frozen_mask, shared_const, slug
+from .slice_products import clone, gather_axis, slice_product
 
 PASS = "slice_updates"
 _SCATTER = {"AssignVariableOp": "Update", "AssignAddVariableOp": "Add", "AssignSubVariableOp": "Sub"}
@@ -80,13 +86,17 @@ class _Slicer:
         self.program, self.plan, self.vf, self.slots = program, plan, vf, slots
         self.ir = program.main
         self.targets = slots | {vf.variable.placeholder}
-        self.rows = vf.axis == 0
         shape = tuple(vf.variable.shape)
-        if self.rows:
+        self.axis = vf.axis  # None: the slice is the flat vector of trainable entries
+        self.rows = self.axis == 0
+        if self.axis is not None:
             self.index = vf.indices(frozen=False).astype(np.int32)
-            self.sliced = (len(self.index),) + shape[1:]
+            self.sliced = shape[:self.axis] + (len(self.index),) + shape[self.axis + 1:]
+            # ScatterNd tuples over the leading axes and the trainable lines
+            lines = [np.arange(n) for n in shape[:self.axis]] + [self.index]
+            self.tuples = np.stack(np.meshgrid(*lines, indexing="ij"), -1).astype(np.int32)
         else:  # every trainable entry as an index tuple
-            self.index = np.argwhere(~vf.frozen).astype(np.int32)
+            self.index = self.tuples = np.argwhere(~vf.frozen).astype(np.int32)
             self.sliced = (len(self.index),)
         self.shape = shape
         self.memo: dict[Tensor, Tensor | None] = {}
@@ -121,7 +131,7 @@ class _Slicer:
         new = self._slice(b, value)
         if new is None:
             return False
-        indices = self._indices(b)
+        indices = self._indices(b) if self.rows else self._tuples(b)
         dtype = ir.dtype(value)
         kind = _SCATTER[ir.op(node)]
         op = f"ResourceScatter{'' if self.rows else 'Nd'}{kind}"
@@ -160,49 +170,49 @@ class _Slicer:
     # ------------------------------------------------------------------ values
 
     def _indices(self, b: Builder) -> Tensor:
-        key = ("trainable", self.vf.variable.path)
-        cached = self.ir.const_cache.get(key)
-        if cached is not None and cached[0] in self.ir:
-            node = self.ir.graph.nodes[cached[0]]
-            node["order"] = min(node["order"], b.after + 1e-9)
-            return b.adopt(cached)
-        t = b.const("trainable_indices", self.index, tf.int32)
-        self.ir.const_cache[key] = t
-        return t
+        """The trainable lines along the axis (or every trainable entry's tuple)."""
+        path = self.vf.variable.path
+        return shared_const(b, ("trainable", path), f"graphfreeze/trainable/{slug(path)}",
+                            self.index, tf.int32)
+
+    def _tuples(self, b: Builder) -> Tensor:
+        """ScatterNd/GatherNd index tuples of the slice."""
+        if self.axis is None:
+            return self._indices(b)
+        path = self.vf.variable.path
+        return shared_const(b, ("trainable_tuples", path),
+                            f"graphfreeze/trainable/{slug(path)}_tuples", self.tuples, tf.int32)
 
     def _is_mask(self, tensor: Tensor) -> bool:
         if self.mask_const is None:
             self.mask_const = self.ir.const_cache.get(("frozen", self.vf.variable.path))
         return self.mask_const is not None and tensor == self.mask_const
 
-    def _broadcasts(self, tensor: Tensor) -> bool:
-        """Whether a tensor that is not full-size broadcasts the same way against the slice."""
+    def _small(self, b: Builder, tensor: Tensor) -> Tensor | None:
+        """A tensor smaller than V that broadcasts to V's shape (a scalar, gf.Scale
+        factors, a per-row constant), cut to broadcast the same way against the slice;
+        None if it does not broadcast to V's shape."""
         shape = self.ir.shape(tensor)
-        if shape is None:
-            return False
-        if all(d == 1 for d in shape) and len(shape) <= len(self.sliced):
-            return True
-        if not self.rows:
-            return False
         rank = len(self.shape)
-        return len(shape) < rank or shape[0] == 1
-
-    def _compact(self, tensor: Tensor) -> bool:
-        """Whether a tensor of V's rank has, on every axis, V's size or 1 (a compact array
-        that broadcasts to V's shape)."""
-        shape = self.ir.shape(tensor)
-        return shape is not None and len(shape) == len(self.shape) and None not in shape \
-            and all(d in (1, n) for d, n in zip(shape, self.shape))
-
-    def _slice_compact(self, b: Builder, tensor: Tensor) -> Tensor:
-        """A compact tensor at the trainable entries, broadcastable to the slice."""
+        if shape is None or None in shape or len(shape) > rank:
+            return None
+        padded = (1,) * (rank - len(shape)) + tuple(shape)
+        if any(d not in (1, n) for d, n in zip(padded, self.shape)):
+            return None
+        if self.axis is not None:
+            if padded[self.axis] == 1:
+                return tensor
+            if tensor not in self.memo:
+                self.memo[tensor] = gather_axis(b, tensor, self._indices(b),
+                                                self.axis - (rank - len(shape)), "small")
+            return self.memo[tensor]
+        if all(d == 1 for d in shape) and len(shape) <= 1:
+            return tensor
+        if len(shape) != rank:
+            return None
         if tensor not in self.memo:
-            shape = tuple(self.ir.shape(tensor))
-            if self.rows:
-                out = compact_rows(b, tensor, shape, self._indices(b), "compact")
-            else:
-                out = compact_entries(b, tensor, shape, self._indices(b), "compact")
-                self.ir.set_shape(out, self.sliced)
+            out = compact_entries(b, tensor, tuple(shape), self._indices(b), "small")
+            self.ir.set_shape(out, self.sliced)
             self.memo[tensor] = out
         return self.memo[tensor]
 
@@ -233,36 +243,23 @@ class _Slicer:
                     if s is None:
                         return None
                     new_inputs.append(s)
-                elif self._broadcasts(t):
-                    new_inputs.append(t)
-                elif self._compact(t):  # e.g. gf.Scale factors, one per row or column
-                    new_inputs.append(self._slice_compact(b, t))
                 else:
-                    return self._gather(b, tensor)
-            return self._clone(b, node, new_inputs)
+                    small = self._small(b, t)
+                    if small is None:
+                        return self._gather(b, tensor)
+                    new_inputs.append(small)
+            return clone(b, node, new_inputs, self.sliced)
+        if self.axis is not None:  # a weight-gradient product: computed on the slice
+            product = slice_product(b, tensor, self.axis, self._indices(b), self.sliced)
+            if product is not None:
+                return product
         return self._gather(b, tensor)
 
-    def _clone(self, b: Builder, node: str, inputs: list[Tensor]) -> Tensor:
-        ir = self.ir
-        new = ir.add_node(f"{b.prefix}/{node.rsplit('/', 1)[-1]}", ir.op(node), inputs,
-                          dtypes=[ir.dtype((node, 0))], shapes=[self.sliced],
-                          device=ir.device(node), inserted_by=PASS)
-        with ir.edit(new) as nd:
-            for key, value in ir.nodedef(node).attr.items():
-                if key != "_class":
-                    nd.attr[key].CopyFrom(value)
-        # a copy of an op the step already ran: not held to INSERTED_OPS, which lists the
-        # kinds the passes introduce
-        ir.graph.nodes[new]["cloned"] = node
-        b.created.append(new)
-        return (new, 0)
-
     def _gather(self, b: Builder, tensor: Tensor) -> Tensor:
-        indices = self._indices(b)
-        if self.rows:
-            out = b.gather_rows(tensor, indices, "slice")
+        if self.axis is not None:
+            out = gather_axis(b, tensor, self._indices(b), self.axis, "slice")
         else:
-            out = b.gather_nd(tensor, indices, "slice")
+            out = b.gather_nd(tensor, self._indices(b), "slice")
         self.ir.set_shape(out, self.sliced)
         return out
 
@@ -273,7 +270,7 @@ class _Slicer:
             out = first = b.resource_gather(resource, self._indices(b), dtype, "read_slice")
         else:  # XLA has no ResourceGatherNd kernel: read, then gather the entries
             first = b.read(resource, dtype, self.shape, "read_full")
-            out = b.gather_nd(first, self._indices(b), "read_slice")
+            out = self._gather(b, first)
         ir.set_shape(out, self.sliced)
         # keep the read's place among the writes to the same resource
         for src in ir.control_inputs(read):
