@@ -16,13 +16,14 @@ of dlogits, so a few trainable token rows cost a few columns, not the 32,000 x d
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from ..ir import Tensor
 from .build import Builder
 
-#: Products cut along the axis of their output that one operand alone determines.
-PRODUCTS = frozenset({"MatMul"})
+#: Ops whose output lines along an axis come from lines of their inputs: cut there.
+PRODUCTS = frozenset({"MatMul", "Einsum", "UnsortedSegmentSum"})
 
 
 def gather_axis(b: Builder, params: Tensor, indices: Tensor, axis: int, suffix: str) -> Tensor:
@@ -45,15 +46,63 @@ def slice_product(b: Builder, tensor: Tensor, axis: int, indices: Tensor,
     ir = b.ir
     node, k = tensor
     op = ir.op(node)
-    if op not in PRODUCTS or k != 0 or axis not in (0, 1) or len(ir.graph.nodes[node]["dtypes"]) != 1:
+    if op not in PRODUCTS or k != 0 or len(ir.graph.nodes[node]["dtypes"]) != 1:
         return None
     attrs = ir.nodedef(node).attr
+    if op == "Einsum":
+        return _slice_einsum(b, node, axis, indices, sliced)
+    if op == "UnsortedSegmentSum":
+        return _slice_segment_sum(b, node, axis, indices, sliced)
     a, c = ir.inputs(node)[:2]
+    if ir.shape(tensor) is None or len(ir.shape(tensor)) != 2:
+        return None
     if axis == 0:  # rows of the output: rows of A, or its columns when transposed
         a = gather_axis(b, a, indices, 1 if attrs["transpose_a"].b else 0, "product_rows")
     else:  # columns of the output: columns of B, or its rows when transposed
         c = gather_axis(b, c, indices, 0 if attrs["transpose_b"].b else 1, "product_columns")
     return clone(b, node, [a, c], sliced)
+
+
+def _slice_einsum(b: Builder, node: str, axis: int, indices: Tensor,
+                  sliced: tuple[int, ...]) -> Tensor | None:
+    """Einsum: the output subscript at `axis` is cut in every operand that has it (the
+    tied projection's gradient `btv,btd->vd` gathers the trainable rows' logits)."""
+    ir = b.ir
+    equation = ir.nodedef(node).attr["equation"].s.decode()
+    if "..." in equation or "->" not in equation:
+        return None
+    ins, out = equation.replace(" ", "").split("->")
+    operands = ins.split(",")
+    inputs = list(ir.inputs(node))
+    if axis >= len(out) or len(operands) != len(inputs):
+        return None
+    letter = out[axis]
+    for i, subscripts in enumerate(operands):
+        if subscripts.count(letter) > 1:
+            return None  # a diagonal: not a plain line of the operand
+        if letter in subscripts:
+            inputs[i] = gather_axis(b, inputs[i], indices, subscripts.index(letter), f"operand{i}")
+    return clone(b, node, inputs, sliced)
+
+
+def _slice_segment_sum(b: Builder, node: str, axis: int, indices: Tensor,
+                       sliced: tuple[int, ...]) -> Tensor | None:
+    """UnsortedSegmentSum (a sparse gradient made dense, e.g. a tied table's lookup part):
+    the trainable rows are the sums over their own ids, renumbered 0..k-1; every other id
+    becomes -1, which the op drops."""
+    ir = b.ir
+    data, ids = ir.inputs(node)[:2]
+    full = ir.shape((node, 0))
+    trainable = ir.const_value(indices)
+    if axis != 0 or full is None or full[0] is None or trainable is None:
+        return None
+    dtype = ir.dtype(ids).as_numpy_dtype
+    lookup = np.full(full[0], -1, dtype)
+    lookup[trainable] = np.arange(len(trainable), dtype=dtype)
+    renumbered = gather_axis(b, b.const("renumber", lookup, ir.dtype(ids)), ids, 0, "segment_ids")
+    count = b.const("segments", np.asarray(len(trainable), ir.dtype(ir.inputs(node)[2]).as_numpy_dtype),
+                    ir.dtype(ir.inputs(node)[2]))
+    return clone(b, node, [data, renumbered, count], sliced)
 
 
 def clone(b: Builder, node: str, inputs: list[Tensor], shape: tuple[int, ...]) -> Tensor:

@@ -46,7 +46,7 @@ from .slice_products import clone, gather_axis, slice_product
 PASS = "slice_updates"
 _SCATTER = {"AssignVariableOp": "Update", "AssignAddVariableOp": "Add", "AssignSubVariableOp": "Sub"}
 # Elementwise ops whose clone over sliced inputs computes the slice of their output.
-_CLONABLE = opkinds.ELEMENTWISE - {"Select"}
+_CLONABLE = (opkinds.ELEMENTWISE - {"Select"}) | {"AddN"}
 
 
 def slice_updates(program: Program, plan: Plan) -> Program:
