@@ -3,6 +3,8 @@ and entries, and the trainable entries still equal the seed-002 reference."""
 
 from __future__ import annotations
 
+import importlib
+
 import keras
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from conftest import batches, make_step, mirrored, mlp
 from references import keep_of, masked_mlp
 
 import graphfreeze as gf
+
+SLICE = importlib.import_module("graphfreeze.passes.slice_updates")
 
 SIZES = (6, 12, 10, 3)
 DATA = batches(8, (16, 6), (16, 3))
@@ -38,17 +42,36 @@ def _rules(kind):
         frozen = np.ones((6, 12), bool)
         frozen[[1, 4]] = False
         return ["hidden1/kernel", gf.Unfreeze(gf.Rows("hidden1/kernel", [1, 4]))], frozen
+    assert kind in ("mask", "mask_flat"), kind
     frozen = np.random.default_rng(3).random((6, 12)) < 0.5
     return [gf.Mask("hidden1/kernel", frozen)], frozen
+
+
+def _mode(kind, monkeypatch):
+    """"mask_flat": the same random Mask, sliced to its flat trainable entries (below
+    FLAT_AT); "mask" (half the entries train) is guarded with the dense mask instead."""
+    if kind == "mask_flat":
+        monkeypatch.setattr(SLICE, "FLAT_AT", 1.0)
+
+
+def _assert_written(notes, kind, writes):
+    """At least `writes` writes (variable and slots) scattered at the trainable entries, or for a
+    dense Mask the slot writes guarded and none sliced; never "not sliced"."""
+    assert not notes.unsliced, notes.unsliced
+    if kind == "mask":
+        assert not notes.sliced_writes and len(notes.guarded_writes) >= writes
+        return
+    assert len(notes.sliced_writes) >= writes, notes.sliced_writes
 
 
 def _slots(optimizer, name="hidden1_kernel"):
     return [v for v in optimizer.variables if name in v.path]
 
 
-@pytest.mark.parametrize("kind", ["rows", "columns", "mask", "unfreeze_rows"])
+@pytest.mark.parametrize("kind", ["rows", "columns", "mask", "mask_flat", "unfreeze_rows"])
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-def test_slots_of_frozen_entries_are_a_pause(opt_name, kind):
+def test_slots_of_frozen_entries_are_a_pause(opt_name, kind, monkeypatch):
+    _mode(kind, monkeypatch)
     model = mlp(SIZES)
     optimizer = OPTIMIZERS[opt_name]()
     step = make_step(model, optimizer)
@@ -68,7 +91,7 @@ def test_slots_of_frozen_entries_are_a_pause(opt_name, kind):
         assert np.array_equal(now[frozen], before[v.path][frozen]), f"{v.path}: frozen entries moved"
         assert not np.array_equal(now[~frozen], before[v.path][~frozen]), f"{v.path} did not train"
     notes = rw.plan.notes
-    assert notes.sliced_writes and not notes.unsliced
+    _assert_written(notes, kind, 1 + len(slots))
     # the writes are scatters at the trainable entries, not full-size assignments
     ops = {rw.ir.op(n) for n in notes.sliced_writes}
     assert all(op.startswith("ResourceScatter") for op in ops), ops
@@ -98,9 +121,10 @@ def _assert_trainable_match(model, reference, frozen, atol=1e-5):
 # Under the seed-002 mask, decoupled weight decay still moves the reference's frozen
 # entries and so its forward pass: AdamW has no comparable masked reference (S1 and S4
 # are checked for it above).
-@pytest.mark.parametrize("kind", ["rows", "columns", "mask", "unfreeze_rows"])
+@pytest.mark.parametrize("kind", ["rows", "columns", "mask", "mask_flat", "unfreeze_rows"])
 @pytest.mark.parametrize("opt_name", sorted(set(OPTIMIZERS) - {"adamw"}))
-def test_trainable_entries_equal_seed002_reference(opt_name, kind):
+def test_trainable_entries_equal_seed002_reference(opt_name, kind, monkeypatch):
+    _mode(kind, monkeypatch)
     model, reference, rw, ref_step, frozen = _reference_pair(kind, OPTIMIZERS[opt_name])
     start = model.get_layer("hidden1").kernel.numpy().copy()
     for x, y in DATA:
@@ -110,12 +134,13 @@ def test_trainable_entries_equal_seed002_reference(opt_name, kind):
     assert np.array_equal(model.get_layer("hidden1").kernel.numpy()[frozen], start[frozen])
 
 
-@pytest.mark.parametrize("kind", ["rows", "columns", "mask"])
+@pytest.mark.parametrize("kind", ["rows", "columns", "mask", "mask_flat"])
 @pytest.mark.parametrize("opt_name", sorted(set(OPTIMIZERS) - {"adamw"}))
-def test_pause_after_built_up_state_equals_seed002_reference(opt_name, kind):
+def test_pause_after_built_up_state_equals_seed002_reference(opt_name, kind, monkeypatch):
     """Slots built up by plain steps first: frozen entries' slots stay bitwise as they were,
     trainable entries match the seed-002 mask whose optimizer starts from the same slots
     with the frozen entries' at zero (with theirs, it would keep moving frozen weights)."""
+    _mode(kind, monkeypatch)
     rules, frozen = _rules(kind)
     model = mlp(SIZES)
     optimizer = OPTIMIZERS[opt_name]()
@@ -261,10 +286,11 @@ def _components(variable):
     return list(value.values) if isinstance(value, tf.distribute.DistributedValues) else [value]
 
 
-@pytest.mark.parametrize("kind", ["rows", "mask"])
-def test_sliced_updates_on_every_replica(kind):
+@pytest.mark.parametrize("kind", ["rows", "mask", "mask_flat"])
+def test_sliced_updates_on_every_replica(kind, monkeypatch):
     """MirroredStrategy: each replica's variable and slots are written at the trainable
     entries only; the result equals the seed-002 reference under the same strategy."""
+    _mode(kind, monkeypatch)
     strategy = mirrored()
     rules, frozen = _rules(kind)
     with strategy.scope():
@@ -293,8 +319,7 @@ def test_sliced_updates_on_every_replica(kind):
     for x, y in DATA[2:]:
         rw(x, y)
         ref_step(x, y)
-    assert len(rw.plan.notes.sliced_writes) == 3 * strategy.num_replicas_in_sync
-    assert not rw.plan.notes.unsliced
+    _assert_written(rw.plan.notes, kind, 3 * strategy.num_replicas_in_sync)
     for v in slots:
         for c, b in zip(_components(v), before[v.path]):  # S4 on every replica
             assert np.array_equal(c.numpy()[frozen], b[frozen]), f"{c.device}: {v.path} moved"

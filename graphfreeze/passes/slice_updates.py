@@ -30,6 +30,8 @@ writes stay guarded by guard_writes.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
@@ -47,6 +49,12 @@ PASS = "slice_updates"
 _SCATTER = {"AssignVariableOp": "Update", "AssignAddVariableOp": "Add", "AssignSubVariableOp": "Sub"}
 # Elementwise ops whose clone over sliced inputs computes the slice of their output.
 _CLONABLE = (opkinds.ELEMENTWISE - {"Select"}) | {"AddN"}
+
+#: A mask that is not whole lines (no single axis) is sliced into its flat vector of
+#: trainable entries (GatherNd/ScatterNd at index tuples) only when at most this fraction
+#: of the variable trains; above, the slot writes are guarded with the dense mask instead
+#: (a select per slot: S4 holds either way). bench/bench_flat_mask.py measures the crossover.
+FLAT_AT = float(os.environ.get("GRAPHFREEZE_FLAT_AT", "0.02"))
 
 
 def slice_updates(program: Program, plan: Plan) -> Program:
@@ -104,16 +112,18 @@ class _Slicer:
 
     def run(self) -> None:
         dep = self.plan.dependence
+        dense = self.axis is None and len(self.index) > FLAT_AT * self.vf.frozen.size
         for ir, node in list(dep.writes):
             if node not in ir:
                 continue
             written = dep.write_targets(ir, node) & self.targets
             if not written:
                 continue
-            if ir is self.ir and ir.op(node) in _SCATTER and self._slice_write(node):
+            if not dense and ir is self.ir and ir.op(node) in _SCATTER and self._slice_write(node):
                 self.plan.notes.inserted.append(node)
                 continue
-            self.plan.notes.unsliced.append(f"not sliced: {ir.op(node)} {node}")
+            if not dense:
+                self.plan.notes.unsliced.append(f"not sliced: {ir.op(node)} {node}")
             if written & self.slots:
                 self._guard_slot_write(ir, node)
 
