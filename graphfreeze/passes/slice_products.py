@@ -54,7 +54,8 @@ def slice_product(b: Builder, tensor: Tensor, axis: int, indices: Tensor,
     if op == "UnsortedSegmentSum":
         return _slice_segment_sum(b, node, axis, indices, sliced)
     a, c = ir.inputs(node)[:2]
-    if ir.shape(tensor) is None or len(ir.shape(tensor)) != 2:
+    shape = ir.shape(tensor)
+    if shape is None or len(shape) != 2:
         return None
     if axis == 0:  # rows of the output: rows of A, or its columns when transposed
         a = gather_axis(b, a, indices, 1 if attrs["transpose_a"].b else 0, "product_rows")
