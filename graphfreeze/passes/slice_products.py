@@ -23,7 +23,7 @@ from ..ir import Tensor
 from .build import Builder
 
 #: Ops whose output lines along an axis come from lines of their inputs: cut there.
-PRODUCTS = frozenset({"MatMul", "Einsum", "UnsortedSegmentSum"})
+PRODUCTS = frozenset({"MatMul", "Einsum", "UnsortedSegmentSum", "Conv2DBackpropFilter"})
 
 
 def gather_axis(b: Builder, params: Tensor, indices: Tensor, axis: int, suffix: str) -> Tensor:
@@ -53,6 +53,8 @@ def slice_product(b: Builder, tensor: Tensor, axis: int, indices: Tensor,
         return _slice_einsum(b, node, axis, indices, sliced)
     if op == "UnsortedSegmentSum":
         return _slice_segment_sum(b, node, axis, indices, sliced)
+    if op == "Conv2DBackpropFilter":
+        return _slice_filter_gradient(b, node, axis, indices, sliced)
     a, c = ir.inputs(node)[:2]
     shape = ir.shape(tensor)
     if shape is None or len(shape) != 2:
@@ -104,6 +106,20 @@ def _slice_segment_sum(b: Builder, node: str, axis: int, indices: Tensor,
     count = b.const("segments", np.asarray(len(trainable), ir.dtype(ir.inputs(node)[2]).as_numpy_dtype),
                     ir.dtype(ir.inputs(node)[2]))
     return clone(b, node, [data, renumbered, count], sliced)
+
+
+def _slice_filter_gradient(b: Builder, node: str, axis: int, indices: Tensor,
+                           sliced: tuple[int, ...]) -> Tensor | None:
+    """Conv2DBackpropFilter [h, w, in, out]: the trainable output channels need only those
+    channels of the output gradient."""
+    ir = b.ir
+    data_format = ir.nodedef(node).attr["data_format"].s.decode() or "NHWC"
+    if axis != 3 or len(sliced) != 4:
+        return None
+    image, _, grad = ir.inputs(node)[:3]
+    grad = gather_axis(b, grad, indices, 3 if data_format == "NHWC" else 1, "output_channels")
+    sizes = b.const("filter_sizes", np.asarray(sliced, np.int32), tf.int32)
+    return clone(b, node, [image, sizes, grad], sliced)
 
 
 def clone(b: Builder, node: str, inputs: list[Tensor], shape: tuple[int, ...]) -> Tensor:
