@@ -69,8 +69,45 @@ def slice_updates(program: Program, plan: Plan) -> Program:
         if not vf.partial or bit is None:
             continue
         slots = _slots(dep, bit, vf, by_placeholder)
+        mixed = _mixed_slots(program, slots)
+        if mixed:
+            # Adafactor's update clip is an RMS over the whole update, slot values at frozen
+            # entries included: paused (never written) there, they would change what the
+            # trainable entries get (a zero second moment is a 0/0). Such slots evolve as
+            # before, under the seed-002 mask's semantics; the variable itself stays guarded.
+            plan.notes.unsliced.extend(f"not sliced: {by_placeholder[r].path} is read by "
+                                       "an op over the whole variable" for r in sorted(mixed))
+            continue
         _Slicer(program, plan, vf, slots).run()
     return program
+
+
+def _mixed_slots(program: Program, slots: set[str]) -> set[str]:
+    """Slots whose values reach an op that mixes entries (a reduction, a matmul) before
+    they are written: slicing or pausing them would change the trainable entries."""
+    mixed = set()
+    for r in slots:
+        for ir, node, _ in program.resource_uses(program.main, (r, 0)):
+            if ir.op(node) == "ReadVariableOp" and _reaches_mixing(ir, node):
+                mixed.add(r)
+                break
+    return mixed
+
+
+def _reaches_mixing(ir: IR, read: str) -> bool:
+    pending, seen = [read], {read}
+    while pending:
+        node = pending.pop()
+        for out, _ in {c for k in range(len(ir.graph.nodes[node]["dtypes"]))
+                       for c in ir.consumers((node, k))}:
+            op = ir.op(out)
+            if op in _SCATTER or out in seen:
+                continue
+            if op not in _CLONABLE and op != "IdentityN":
+                return True
+            seen.add(out)
+            pending.append(out)
+    return False
 
 
 def _slots(dep, bit: int, vf: VariableFreeze, by_placeholder: dict) -> set[str]:
