@@ -54,7 +54,7 @@ _CLONABLE = (opkinds.ELEMENTWISE - {"Select"}) | {"AddN"}
 #: trainable entries (GatherNd/ScatterNd at index tuples) only when at most this fraction
 #: of the variable trains; above, the slot writes are guarded with the dense mask instead
 #: (a select per slot: S4 holds either way). bench/bench_flat_mask.py measures the crossover.
-FLAT_AT = float(os.environ.get("GRAPHFREEZE_FLAT_AT", "0.02"))
+FLAT_AT = float(os.environ.get("GRAPHFREEZE_FLAT_AT", "0.005"))
 
 
 def slice_updates(program: Program, plan: Plan) -> Program:
