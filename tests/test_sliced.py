@@ -465,3 +465,28 @@ def test_conv2d_with_frozen_output_channels_equals_seed002_reference():
     filters = [d["shapes"][0] for _, d in rw.graph.nodes(data=True) if d["op"] == "Conv2DBackpropFilter"]
     assert (3, 3, 4, 3) in filters and (3, 3, 4, 6) not in filters, filters
     assert len(rw.plan.notes.sliced_writes) == 3 and not rw.plan.notes.unsliced
+
+
+@pytest.mark.parametrize("wrap", ["accumulation", "loss_scale"])
+def test_updates_in_cond_branches_keep_slots_paused(wrap):
+    """Gradient accumulation and a LossScaleOptimizer update inside `cond` branches, which
+    are not sliced: their slot writes are guarded with the mask, so S4 still holds there."""
+    model = mlp(SIZES)
+    optimizer = keras.optimizers.Adam(1e-2, gradient_accumulation_steps=2) if wrap == "accumulation" \
+        else keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-2))
+    step = make_step(model, optimizer)
+    plain = tf.function(step)
+    for x, y in DATA[:4]:
+        plain(x, y)
+    rules, frozen = _rules("columns")
+    slots = [v for v in _slots(optimizer) if v.shape == (6, 12)]
+    assert slots
+    before = {v.path: v.numpy().copy() for v in slots}
+    rw = gf.rewrite(step, rules, *DATA[0])
+    for x, y in DATA[4:]:
+        rw(x, y)
+    for v in slots:
+        assert np.array_equal(v.numpy()[frozen], before[v.path][frozen]), f"{v.path} moved"
+        if "accumulat" not in v.path:  # the accumulator is back to zero after an even step
+            assert not np.array_equal(v.numpy()[~frozen], before[v.path][~frozen])
+    assert rw.plan.notes.unsliced and not rw.plan.notes.sliced_writes
