@@ -141,8 +141,29 @@ def memory(d: dict) -> str:
             f"batch {d['config']['batch']}:\n\n" + "\n".join(lines))
 
 
+def tokens(d: dict) -> str:
+    c = d["config"]
+    return (f"Trainable tokens: {c['trainable_rows']} of {c['vocab']:,} rows of a tied "
+            f"{c['vocab']:,} × {c['width']} table under two residual MLP blocks ({c['width']} → "
+            f"{c['hidden']} → {c['width']}), batch {c['batch']} × {c['sequence']}, "
+            f"{c['optimizer']} {_median(c)}:\n\n"
+            + _rows(d["seconds_per_step"], d["ratio_vs_hand_written"], "hand-written split program"))
+
+
+def flat_mask(d: dict) -> str:
+    c = d["config"]
+    lines = ["| trainable fraction | flat gather/scatter ms/step | dense select ms/step | "
+             "× dense |", "|---|---|---|---|"]
+    for f, ratio in d["flat_over_dense"].items():
+        lines.append(f"| {f} | {d['seconds_per_step'][f'flat {f}'] * 1e3:.1f} | "
+                     f"{d['seconds_per_step'][f'dense {f}'] * 1e3:.1f} | {ratio:.2f} |")
+    return (f"Random `Mask` on a {c['width']} × {c['width']} kernel between two trainable "
+            f"layers, {c['optimizer']}, batch {c['batch']} {_median(c)}:\n\n" + "\n".join(lines))
+
+
 SECTIONS = {"core": core, "fit": fit, "partial": partial, "corpus": corpus, "transfer": transfer,
-            "distribute": distribute, "cache": cache, "scale": scale, "memory": memory}
+            "distribute": distribute, "cache": cache, "scale": scale, "memory": memory,
+            "tokens": tokens, "flat_mask": flat_mask}
 
 
 def main() -> int:

@@ -239,8 +239,11 @@ def compare(body: Body, known_functions: set[str]) -> BodyChange:
     """Ops and estimated FLOPs of one body before and after, and what changed."""
     old, new = body.original_graph, body.rewritten_graph
     before, after = body.ops(old), body.ops(new)
-    removed = [n for n in before if n not in new]
-    added = [n for n in after if n not in old]
+    # a kept node whose op changed (slice_updates turns an Assign into a scatter in place)
+    # counts as one op of the old type removed and one of the new type added
+    retyped = {n for n in before if n in new and new.nodes[n]["op"] != old.nodes[n]["op"]}
+    removed = [n for n in before if n not in new or n in retyped]
+    added = [n for n in after if n not in old or n in retyped]
     old_calls, new_calls = _calls(body.original, known_functions), _calls(body.rewritten, known_functions)
     flops_before = flops_after = unknown = backward = 0
     flops_removed: Counter = Counter()

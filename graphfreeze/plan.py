@@ -26,6 +26,8 @@ class Notes:
     pruned_state: dict[str, list[str]] = field(default_factory=dict)  # slot path -> owners
     dead_nodes: int = 0
     opaque_ops: list[str] = field(default_factory=list)  # allowed with allow_opaque=True
+    sliced_writes: list[str] = field(default_factory=list)  # now scatter at trainable entries
+    unsliced: list[str] = field(default_factory=list)  # "not sliced: <op> <node>"
 
 
 MarkerSite = tuple[Any, Marker, VariableInfo]  # (the IR holding it, marker, its variable)

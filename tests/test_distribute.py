@@ -204,7 +204,8 @@ def test_xla_compiles_rewritten_steps(rules):
     hlo = rw.function.experimental_get_compiler_ir(*flat)(stage="hlo")
     assert "HloModule" in hlo
     rw(*args)
-    inserted = {d["op"] for _, d in rw.graph.nodes(data=True) if d.get("inserted")}
+    inserted = {d["op"] for _, d in rw.graph.nodes(data=True)
+                if d.get("inserted") and not d.get("cloned")}  # clones: slice_updates
     assert inserted <= INSERTED_OPS, inserted - INSERTED_OPS
     assert inserted or rules == "whole"  # whole variables leave no inserted op behind
 

@@ -115,9 +115,11 @@ def test_diff_counts_match_the_graphs(rewritten):
     assert d.removed["MatMul"] >= len(kernel_grads)
     # Every node the traced step lacks was inserted by a pass, and says which.
     assert {n for n, _, _ in d.inserted} == emitted - {n.name for n in traced.node}
-    assert {p for _, _, p in d.inserted} == {"mask_gradients", "guard_writes"}
+    # the partly frozen variables' updates run on their trainable entries (slice_updates),
+    # which leaves the masks and guards of the earlier passes without a use
+    assert {p for _, _, p in d.inserted} == {"slice_updates"}
     text = str(d)
-    assert f"ops removed: {d.n_removed:,}" in text and "mask_gradients" in text
+    assert f"ops removed: {d.n_removed:,}" in text and "slice_updates" in text
 
 
 def test_dot_parses_and_styles(rewritten):

@@ -20,6 +20,7 @@ from .guard_writes import guard_writes
 from .mask_gradients import mask_gradients
 from .prune_optimizer_state import prune_optimizer_state
 from .scale_writes import scale_writes
+from .slice_updates import slice_updates
 from .stop_frozen_reads import stop_frozen_reads
 from .strip_markers import strip_markers
 from .verify import lint
@@ -33,6 +34,7 @@ TRAINING_PIPELINE: Sequence[Pass] = (
     scale_writes,             # gf.Scale factors; before the guards select frozen entries
     guard_writes,
     prune_optimizer_state,
+    slice_updates,            # partly frozen: updates of variable and slots on trainable entries
     fold_frozen_zeros,
     eliminate_dead_code,
     strip_markers,
