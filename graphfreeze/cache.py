@@ -193,7 +193,7 @@ def _split_step(rw: Rewritten, strict: bool) -> _Split:
         dtype, shape = suffix_ir.dtype(t), suffix_ir.shape(t)
         ph = suffix_ir.add_node(f"graphfreeze/frontier_{k}", "Placeholder",
                                 attrs={"dtype": dtype}, dtypes=[dtype], shapes=[shape],
-                                device=suffix_ir.device(t[0]), after=-1.0, inserted_by="cache")
+                                device=suffix_ir.device(t[0]), after=(-1, 0), inserted_by="cache")
         suffix_ir.replace_uses(t, (ph, 0), exclude={ph})
         feeds.append(ph)
         specs[ph] = tf.TensorSpec(shape, dtype, name=f"frontier_{k}")

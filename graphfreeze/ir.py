@@ -6,8 +6,10 @@ edge carries ``control=True`` and is keyed ``"ctrl"``. Node attributes:
 
   op        op type (str)
   nodedef   the NodeDef as traced (its ``input`` list is ignored; edges are the truth)
-  order     float position; original nodes keep their trace order, inserted nodes sit
-            just after their inputs, so sorting by it is a topological order that
+  order     an exact key ``(position, sequence)``: the i-th traced node is ``(i, 0)``; an
+            inserted node takes the position of the latest of its inputs (or `after`) and
+            the next insertion sequence of its graph, so it sits after its inputs and
+            before the next traced node. Sorting by it is a topological order that
             preserves program order (auto control dependencies rely on that at emit)
   dtypes    DataType enum per output;  shapes: per output a tuple (None = unknown dim)
             or None (unknown rank)
@@ -34,6 +36,7 @@ from .opkinds import NO_ORDERING
 from .protos import attr_value, drop_missing_colocations, parse_input, tensor_proto
 
 Tensor = tuple[str, int]
+Order = tuple[int, int]  # a node's program-order key; see the module docstring
 CTRL = "ctrl"
 RETVAL = "_Retval"  # synthetic node standing for a function body's output k
 _DT_RESOURCE = tf.resource.as_datatype_enum
@@ -56,6 +59,8 @@ class IR:
         self.args: list[str] = []            # argument placeholders, in signature order
         self.fdef: Any = None                # the FunctionDef it was built from
         self.changed = False                 # set by every edit; changed bodies get new names
+        self.edits = 0                       # counts every edit (a pass's PassResult.changed)
+        self._sequence = itertools.count(1)  # insertion sequence, the second part of `order`
         self.const_cache: dict = {}          # constants the passes share (see passes/masks.py)
 
     @property
@@ -76,7 +81,7 @@ class IR:
         edges: list[tuple[str, str, str | int, dict[str, Any]]] = []
         for i, nd in enumerate(graph_def.node):
             dtypes, shapes = meta.get(nd.name, ((), ()))
-            nodes.append((nd.name, {"op": nd.op, "nodedef": nd, "order": float(i),
+            nodes.append((nd.name, {"op": nd.op, "nodedef": nd, "order": (i, 0),
                                     "dtypes": list(dtypes), "shapes": list(shapes)}))
             k = 0
             for text in nd.input:
@@ -132,6 +137,7 @@ class IR:
         # NodeDefs are never mutated in place (edits replace them), so sharing is safe.
         clone = IR(self.graph.copy(), self.library, self.versions)
         clone._uid = itertools.count(next(self._uid))
+        clone._sequence = itertools.count(next(self._sequence))
         clone.name, clone.args, clone.fdef = self.name, list(self.args), self.fdef
         return clone
 
@@ -222,12 +228,16 @@ class IR:
 
     # ------------------------------------------------------------------ edits
 
+    def _edited(self) -> None:
+        self.changed = True
+        self.edits += 1
+
     def add_node(self, name: str, op: str, inputs: Sequence[Tensor] = (), *,
                  attrs: dict[str, Any] | None = None, dtypes: Sequence[Any] = (),
-                 shapes: Sequence[Any] = (), device: str = "", after: float | None = None,
+                 shapes: Sequence[Any] = (), device: str = "", after: Order | None = None,
                  inserted_by: str = "", control_inputs: Sequence[str] = ()) -> str:
         """Insert a node; returns its (uniquified) name. `after` is an order lower bound."""
-        self.changed = True
+        self._edited()
         base, name = name, name
         while name in self.graph:
             name = f"{base}_{next(self._uid)}"
@@ -236,9 +246,8 @@ class IR:
             nd.attr[key].CopyFrom(attr_value(value))
         lower = max([self.graph.nodes[s]["order"] for s, _ in inputs] +
                     [self.graph.nodes[s]["order"] for s in control_inputs] +
-                    ([after] if after is not None else [-1.0]))
-        order = lower + 1e-6 * (1 + next(self._uid) % 997) / 997.0
-        self.graph.add_node(name, op=op, nodedef=nd, order=order,
+                    ([after] if after is not None else [(-1, 0)]))
+        self.graph.add_node(name, op=op, nodedef=nd, order=self.order_after(lower),
                             dtypes=[tf.as_dtype(d).as_datatype_enum for d in dtypes],
                             shapes=[None if s is None else tuple(s) for s in shapes],
                             inserted=inserted_by)
@@ -248,8 +257,13 @@ class IR:
             self.graph.add_edge(src, name, CTRL, control=True)
         return name
 
+    def order_after(self, lower: Order) -> Order:
+        """A fresh order key after `lower` and every key this graph handed out so far at
+        `lower`'s position, before the next traced node."""
+        return (lower[0], next(self._sequence))
+
     def add_const(self, name: str, value: np.ndarray, dtype: tf.DType, *, device: str = "",
-                  after: float | None = None, inserted_by: str = "") -> Tensor:
+                  after: Order | None = None, inserted_by: str = "") -> Tensor:
         proto = tensor_proto(np.asarray(value), dtype)
         node = self.add_node(name, "Const", attrs={"value": proto, "dtype": dtype},
                              dtypes=[dtype], shapes=[np.shape(value)], device=device,
@@ -257,7 +271,7 @@ class IR:
         return (node, 0)
 
     def set_input(self, node: str, index: int, tensor: Tensor) -> None:
-        self.changed = True
+        self._edited()
         self.graph.remove_edge(*self._data_edge(node, index))
         self.graph.add_edge(tensor[0], node, index, src_output=tensor[1], dst_input=index,
                             control=False)
@@ -271,7 +285,7 @@ class IR:
 
     def add_control_edge(self, src: str, dst: str) -> None:
         if not self.graph.has_edge(src, dst, CTRL):
-            self.changed = True
+            self._edited()
             self.graph.add_edge(src, dst, CTRL, control=True)
 
     def remove_nodes(self, names: Iterable[str]) -> None:
@@ -283,7 +297,7 @@ class IR:
         doomed = set(names)
         if not doomed:
             return
-        self.changed = True
+        self._edited()
         g = self.graph
         memo: dict[str, frozenset[str]] = {}
 
@@ -327,7 +341,7 @@ class IR:
         keep = sorted(keep)
         new_index = {old: new for new, old in enumerate(keep)}
         data = self.graph.nodes[node]
-        self.changed = True
+        self._edited()
         data["dtypes"] = [data["dtypes"][k] for k in keep]
         data["shapes"] = [data["shapes"][k] for k in keep if k < len(data["shapes"])]
         for _, dst, attrs in self.graph.out_edges(node, data=True):
@@ -342,7 +356,7 @@ class IR:
 
     def set_nodedef(self, node: str, nodedef: Any) -> None:
         """Replace a node's NodeDef (never mutate the traced one: it is shared)."""
-        self.changed = True
+        self._edited()
         self.graph.nodes[node]["nodedef"] = nodedef
         self.graph.nodes[node]["modified"] = True
 
@@ -377,7 +391,7 @@ class IR:
     def remove_inputs(self, node: str, indices: Iterable[int]) -> None:
         """Drop some data inputs of `node`, renumbering the rest (attrs are the caller's job)."""
         drop = set(indices)
-        self.changed = True
+        self._edited()
         g = self.graph
         ins = [(src, key, attrs) for src, _, key, attrs in g.in_edges(node, keys=True, data=True)
                if not attrs["control"]]

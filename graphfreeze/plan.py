@@ -1,12 +1,17 @@
 """The plan: what the rules resolved to for one trace, plus what the passes did.
 
-Passes read the plan and record their effects in `notes` so that reports can say, for
-example, which optimizer slots were pruned and on whose behalf.
+Its inputs (the resolved rules, masks and scales, the located markers, the dependence
+analysis) are fixed when the plan is made: the plan is a frozen dataclass holding tuples
+and a read-only mapping. The one thing passes write is `notes`, a separate record of
+their effects, so that reports can say, for example, which optimizer slots were pruned
+and on whose behalf.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from .capture import Capture, Marker
@@ -45,19 +50,28 @@ def marker_sites(capture: Capture, program: Any) -> list[MarkerSite]:
     return sites
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """The passes' inputs for one trace (read-only) and `notes`, what the passes did."""
+
     capture: Capture
-    freezes: list[VariableFreeze]
-    sites: list[MarkerSite] = field(default_factory=list)  # every gradient marker, located
+    freezes: Sequence[VariableFreeze]
+    sites: Sequence[MarkerSite] = ()         # every gradient marker, located
     dependence: Any = None                  # analysis.dependence.Dependence of the trace
-    gradient_owner: dict[int, VariableInfo] = field(default_factory=dict)  # index -> variable
+    gradient_owner: Mapping[int, VariableInfo] = field(default_factory=dict)  # index -> variable
     batchnorm_inference: bool = False       # run fully frozen BatchNorm in inference mode
-    notes: Notes = field(default_factory=Notes)
-    scales: list[VariableScale] = field(default_factory=list)  # gf.Scale factors
+    notes: Notes = field(default_factory=Notes)  # the one part passes write
+    scales: Sequence[VariableScale] = ()     # gf.Scale factors
+    _by_placeholder: dict[str, VariableFreeze] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._by_placeholder = {vf.variable.placeholder: vf for vf in self.freezes}
+        # Frozen: tuples and a read-only view, so a pass cannot edit another pass's inputs.
+        object.__setattr__(self, "freezes", tuple(self.freezes))
+        object.__setattr__(self, "sites", tuple(self.sites))
+        object.__setattr__(self, "scales", tuple(self.scales))
+        object.__setattr__(self, "gradient_owner", MappingProxyType(dict(self.gradient_owner)))
+        object.__setattr__(self, "_by_placeholder",
+                           {vf.variable.placeholder: vf for vf in self.freezes})
 
     @property
     def training(self) -> bool:

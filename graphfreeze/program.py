@@ -109,6 +109,11 @@ class Program:
     def graphs(self) -> list[IR]:
         return [self.main, *self.bodies.values()]
 
+    @property
+    def edits(self) -> int:
+        """Edits made so far to every graph (a pass compares it on entry and exit)."""
+        return sum(ir.edits for ir in self.graphs())
+
     def callees(self, ir: IR, node: str) -> list[Callee]:
         op = ir.op(node)
         if op in opkinds.CALL_TARGETS:
@@ -172,7 +177,7 @@ class Program:
         body.args = [t.op.name for t in graph.inputs]
         for k, t in enumerate(graph.outputs):
             ret = body.add_node(f"graphfreeze_ret_{k}", RETVAL, [(t.op.name, t.value_index)],
-                                after=float(len(body)))
+                                after=(len(body), 0))
             body.graph.nodes[ret]["index"] = k
         body.changed = False
         return body

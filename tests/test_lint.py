@@ -63,7 +63,7 @@ def test_dangling_input_names_the_pass(monkeypatch):
     def dangling(program, plan):
         node = _cut_first_matmul_input(program.main)
         program.main.graph.add_edge("nowhere", node, 0, src_output=0, dst_input=0, control=False)
-        return program
+        return passes.PassResult(program, changed=True)
     with raises_lint(r"after pass 'dangling': dangling input.*'nowhere'"):
         _rewrite_with(monkeypatch, dangling)
 
@@ -73,7 +73,7 @@ def test_renamed_nodedef(monkeypatch):
         node = next(n for n, op in program.main.graph.nodes(data="op") if op == "MatMul")
         with program.main.edit(node) as nd:
             nd.name = "other"
-        return program
+        return passes.PassResult(program, changed=True)
     with raises_lint(r"after pass 'renamed'.*carries the NodeDef of 'other'"):
         _rewrite_with(monkeypatch, renamed)
 
@@ -81,14 +81,14 @@ def test_renamed_nodedef(monkeypatch):
 def test_gap_in_inputs(monkeypatch):
     def gap(program, plan):
         _cut_first_matmul_input(program.main)
-        return program
+        return passes.PassResult(program, changed=True)
     with raises_lint(r"after pass 'gap'.*numbered \[1\]"):
         _rewrite_with(monkeypatch, gap)
 
 
 def test_marker_left_after_strip(monkeypatch):
     def keep_markers(program, plan):
-        return program
+        return passes.PassResult(program, changed=False)
     monkeypatch.setattr(passes, "strip_markers", keep_markers)
     pipeline = [keep_markers if p.__name__ == "strip_markers" else p for p in passes.TRAINING_PIPELINE]
     monkeypatch.setattr(passes, "TRAINING_PIPELINE", tuple(pipeline))
@@ -97,12 +97,22 @@ def test_marker_left_after_strip(monkeypatch):
         gf.rewrite(make_step(model, keras.optimizers.Adam(1e-2)), ["hidden1/*"], *DATA[0])
 
 
+def test_pass_reporting_no_change_must_not_edit(monkeypatch):
+    """The runner lints only after passes that changed something, so it holds a pass that
+    says it did nothing to that (an unused constant is otherwise a valid edit)."""
+    def sneaky(program, plan):
+        program.main.add_const("graphfreeze/unused", np.zeros(()), tf.float32, inserted_by="x")
+        return passes.PassResult(program, changed=False)
+    with raises_lint(r"after pass 'sneaky': it reported no change but edited"):
+        _rewrite_with(monkeypatch, sneaky)
+
+
 def test_mask_of_wrong_shape(monkeypatch):
     def wrong_mask(program, plan):
         ir = program.main
         t = ir.add_const("graphfreeze/frozen/bad", np.zeros((5,), bool), tf.bool, inserted_by="x")
         ir.const_cache[("frozen", plan.freezes[0].variable.path)] = t
-        return program
+        return passes.PassResult(program, changed=True)
     with raises_lint(r"after pass 'wrong_mask'.*\(5,\) does not broadcast"):
         _rewrite_with(monkeypatch, wrong_mask, rules=[gf.Rows("hidden1/kernel", [0])],
                       before="mask_gradients")
@@ -120,7 +130,7 @@ def test_stale_dependence_names_the_pass(monkeypatch):
         for dst, k in ir.consumers((live.values, 0)):
             if ir.op(dst) != "IdentityN":
                 ir.set_input(dst, k, (marker.values, 0))
-        return program
+        return passes.PassResult(program, changed=True)
     with raises_lint(r"after pass 'leak': the dependence analysis went stale"):
         _rewrite_with(monkeypatch, leak, rules=["hidden2/kernel"], before="guard_writes",
                       sizes=(6, 10, 10, 10))

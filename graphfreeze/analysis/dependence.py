@@ -31,6 +31,7 @@ surviving tensor's bits unchanged).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from .. import opkinds
@@ -274,7 +275,7 @@ class Dependence:
         return out
 
 
-def analyze(program: Program, marker_sites: list, variables: dict) -> tuple[Dependence, dict[int, Any]]:
+def analyze(program: Program, marker_sites: Sequence, variables: dict) -> tuple[Dependence, dict[int, Any]]:
     """Dependence of the traced program; returns it and, per variable index, the variable.
 
     `marker_sites` lists (ir, marker, variable) triples (`plan.sites`); `variables`

@@ -50,13 +50,15 @@ from ..plan import Plan
 from ..program import Program
 from .build import Builder
 from .masks import slug
+from .result import PassResult
 
 PASS = "batchnorm_inference"
 
 
-def batchnorm_inference(program: Program, plan: Plan) -> Program:
+def batchnorm_inference(program: Program, plan: Plan) -> PassResult:
+    start = program.edits
     if not plan.batchnorm_inference:
-        return program
+        return PassResult(program, program.edits != start)
     marked = marked_placeholders(plan.dependence) if plan.dependence is not None else set()
     # per graph: the scope of each replaced statistic's computation -> (statistics, updates)
     replaced: dict[int, tuple[IR, dict[str, tuple[list[Tensor], set[str]]]]] = {}
@@ -86,7 +88,7 @@ def batchnorm_inference(program: Program, plan: Plan) -> Program:
     for ir, by_node in fused.values():
         for node, stored_by_output in by_node.items():
             _fused_inference(ir, plan, node, stored_by_output)
-    return program
+    return PassResult(program, program.edits != start)
 
 
 def _batch_statistic(ir: IR, value: Tensor, resource: Tensor) -> Tensor | None:

@@ -42,7 +42,8 @@ class Builder:
     def __post_init__(self) -> None:
         self.device = self.ir.device(self.anchor)
         preds = [self.ir.graph.nodes[s]["order"] for s in self.ir.graph.predecessors(self.anchor)]
-        self.after = max(preds, default=self.ir.graph.nodes[self.anchor]["order"] - 1.0)
+        position, sequence = self.ir.graph.nodes[self.anchor]["order"]
+        self.after = max(preds, default=(position - 1, sequence))
         self.created: list[str] = []
 
     def _add(self, suffix: str, op: str, inputs: list[Tensor], out_dtype: tf.DType, shape,

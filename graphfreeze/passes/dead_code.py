@@ -25,14 +25,16 @@ from .. import opkinds
 from ..ir import IR, Tensor
 from ..plan import Plan
 from ..program import Program
+from .result import PassResult
 
 
-def eliminate_dead_code(program: Program, plan: Plan) -> Program:
+def eliminate_dead_code(program: Program, plan: Plan) -> PassResult:
+    start = program.edits
     while True:
         for ir in program.graphs():
             _eliminate(ir, plan, program)
         if not _prune_call_arguments(program):
-            return program
+            return PassResult(program, program.edits != start)
 
 
 def side_effect_roots(ir: IR) -> set[str]:

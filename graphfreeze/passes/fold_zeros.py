@@ -29,18 +29,20 @@ from ..ir import IR, Tensor
 from ..plan import Plan
 from ..program import Program
 from .build import Builder
+from .result import PassResult
 
 PASS = "fold_frozen_zeros"
 
 
-def fold_frozen_zeros(program: Program, plan: Plan) -> Program:
+def fold_frozen_zeros(program: Program, plan: Plan) -> PassResult:
+    start = program.edits
     for ir in program.graphs():
         zeros = _zero_tensors(ir)
         if zeros:
             _drop_zero_summands(ir, zeros)
             _drop_neutral_stacked_terms(ir, {"Sum": zeros, "All": _true_tensors(ir, zeros)})
             _unpack_collectives(ir, zeros, plan)
-    return program
+    return PassResult(program, program.edits != start)
 
 
 def _true_tensors(ir: IR, zeros: set[Tensor]) -> set[Tensor]:

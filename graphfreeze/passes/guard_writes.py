@@ -29,11 +29,13 @@ from ..rules import VariableFreeze
 from .build import Builder
 from .masks import select_frozen, slug
 from .resources import check_known_use
+from .result import PassResult
 
 PASS = "guard_writes"
 
 
-def guard_writes(program: Program, plan: Plan) -> Program:
+def guard_writes(program: Program, plan: Plan) -> PassResult:
+    start = program.edits
     doomed: list[tuple[IR, str]] = []
     for vf in plan.freezes:
         for ir, node, index in program.resource_uses(program.main, (vf.variable.placeholder, 0)):
@@ -51,7 +53,7 @@ def guard_writes(program: Program, plan: Plan) -> Program:
                 _guard_partial(ir, plan, node, index, vf)
                 plan.notes.guarded_writes.append(node)
     program.remove_nodes(doomed)
-    return program
+    return PassResult(program, program.edits != start)
 
 
 def _guard_partial(ir: IR, plan: Plan, node: str, index: int, vf: VariableFreeze) -> None:

@@ -19,11 +19,13 @@ from ..plan import Plan
 from ..program import Program
 from .build import Builder
 from .masks import select_frozen, slug
+from .result import PassResult
 
 PASS = "mask_gradients"
 
 
-def mask_gradients(program: Program, plan: Plan) -> Program:
+def mask_gradients(program: Program, plan: Plan) -> PassResult:
+    start = program.edits
     for ir, marker, var in plan.sites:
         vf = plan.freeze_of(var.placeholder)
         if vf is None:
@@ -43,4 +45,4 @@ def mask_gradients(program: Program, plan: Plan) -> Program:
             new = select_frozen(b, vf, 0, grad, name="zero")
         ir.set_input(marker.values, 0, new)
         plan.notes.inserted.extend(b.created)
-    return program
+    return PassResult(program, program.edits != start)

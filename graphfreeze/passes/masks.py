@@ -50,7 +50,7 @@ def shared_const(b: Builder, key: tuple[str, ...], name: str, value: np.ndarray,
     tensor = ir.const_cache.get(key)
     if tensor is not None and tensor[0] in ir:
         node = ir.graph.nodes[tensor[0]]
-        node["order"] = min(node["order"], b.after + 1e-9)
+        node["order"] = min(node["order"], ir.order_after(b.after))
         return b.adopt(tensor)
     tensor = ir.add_const(name, value, dtype, device=b.device, after=b.after,
                           inserted_by=b.pass_name)

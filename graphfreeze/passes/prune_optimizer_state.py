@@ -16,13 +16,15 @@ from __future__ import annotations
 from ..analysis.dependence import marked_placeholders
 from ..plan import Plan
 from ..program import Program
+from .result import PassResult
 
 
-def prune_optimizer_state(program: Program, plan: Plan) -> Program:
+def prune_optimizer_state(program: Program, plan: Plan) -> PassResult:
+    start = program.edits
     dep = plan.dependence
     fully = {vf.variable.placeholder for vf in plan.freezes if vf.full}
     if dep is None or not fully:
-        return program
+        return PassResult(program, program.edits != start)
     frozen_bits = sum(1 << i for i, v in plan.gradient_owner.items() if v.placeholder in fully)
     live = dep.g_mask & ~frozen_bits
     exempt = {vf.variable.placeholder for vf in plan.freezes} | marked_placeholders(dep)
@@ -36,7 +38,7 @@ def prune_optimizer_state(program: Program, plan: Plan) -> Program:
         if (g and not g & live) or (state and o and not o & live and not g & live):
             dead[r] = g | o
     if not dead:
-        return program
+        return PassResult(program, program.edits != start)
     doomed = [(ir, node) for ir, node in dep.writes
               if node in ir and dep.write_targets(ir, node) & dead.keys()]
     program.remove_nodes(doomed)
@@ -45,4 +47,4 @@ def prune_optimizer_state(program: Program, plan: Plan) -> Program:
         var = by_placeholder.get(r)
         plan.notes.pruned_state[var.path if var is not None else r] = [
             v.path for i, v in plan.gradient_owner.items() if bits & (1 << i)]
-    return program
+    return PassResult(program, program.edits != start)

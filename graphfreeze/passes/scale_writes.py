@@ -24,18 +24,20 @@ from ..scale import VariableScale
 from .build import Builder
 from .masks import compact_entries, compact_rows, scalar_like, shared_const, slug
 from .resources import check_known_use
+from .result import PassResult
 
 PASS = "scale_writes"
 
 
-def scale_writes(program: Program, plan: Plan) -> Program:
+def scale_writes(program: Program, plan: Plan) -> PassResult:
+    start = program.edits
     for vs in plan.scales:
         for ir, node, _ in program.resource_uses(program.main, (vs.variable.placeholder, 0)):
             if check_known_use(ir, node, vs.variable.path) == "read":
                 continue
             _scale(ir, plan, node, vs)
             plan.notes.scaled_writes.append(node)
-    return program
+    return PassResult(program, program.edits != start)
 
 
 def _factor(b: Builder, vs: VariableScale, dtype) -> Tensor:

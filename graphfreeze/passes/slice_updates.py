@@ -42,6 +42,7 @@ from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
 from .guard_writes import _guard_scatter
+from .result import PassResult
 from .masks import compact_entries, frozen_mask, shared_const, slug
 from .slice_products import clone, gather_axis, slice_product
 
@@ -57,10 +58,11 @@ _CLONABLE = (opkinds.ELEMENTWISE - {"Select"}) | {"AddN"}
 FLAT_AT = float(os.environ.get("GRAPHFREEZE_FLAT_AT", "0.005"))
 
 
-def slice_updates(program: Program, plan: Plan) -> Program:
+def slice_updates(program: Program, plan: Plan) -> PassResult:
+    start = program.edits
     dep = plan.dependence
     if dep is None:
-        return program
+        return PassResult(program, False)
     # the per-replica components of a distributed variable share its gradient bit
     bit_of = {id(v.variable): i for i, v in plan.gradient_owner.items()}
     by_placeholder = plan.capture.variable_by_placeholder
@@ -79,7 +81,7 @@ def slice_updates(program: Program, plan: Plan) -> Program:
                                        "an op over the whole variable" for r in sorted(mixed))
             continue
         _Slicer(program, plan, vf, slots).run()
-    return program
+    return PassResult(program, program.edits != start)
 
 
 def _mixed_slots(program: Program, slots: set[str]) -> set[str]:

@@ -24,11 +24,13 @@ from ..rules import VariableFreeze
 from .build import Builder
 from .masks import select_frozen, slug
 from .resources import check_known_use
+from .result import PassResult
 
 PASS = "stop_frozen_reads"
 
 
-def stop_frozen_reads(program: Program, plan: Plan) -> Program:
+def stop_frozen_reads(program: Program, plan: Plan) -> PassResult:
+    start = program.edits
     for vf in plan.freezes:
         for ir, node, _ in program.resource_uses(program.main, (vf.variable.placeholder, 0)):
             if (check_known_use(ir, node, vf.variable.path) != "read"
@@ -44,7 +46,7 @@ def stop_frozen_reads(program: Program, plan: Plan) -> Program:
                     _mask(ir, plan, vf, dst, (dst, 0), indices=ir.inputs(dst)[1])
             else:
                 _mask(ir, plan, vf, node, read, indices=None)
-    return program
+    return PassResult(program, program.edits != start)
 
 
 def _is_row_gather(ir: IR, node: str, index: int) -> bool:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from ..ir import IR
 from ..plan import Plan
 from ..program import Program
+from .result import PassResult
 
 
-def strip_markers(program: Program, plan: Plan) -> Program:
+def strip_markers(program: Program, plan: Plan) -> PassResult:
+    start = program.edits
     for ir, marker, _ in plan.sites:
         remove_markers(ir, [marker.values, marker.indices])
-    return program
+    return PassResult(program, program.edits != start)
 
 
 def remove_markers(ir: IR, names: list) -> None:

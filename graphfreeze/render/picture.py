@@ -28,7 +28,7 @@ class Box:
     key: str
     members: list[str] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
-    order: float = 0.0
+    order: tuple[int, int] = (0, 0)
     op: str = ""
     scope: str = ""   # the function body's region it is drawn in; its labels omit that prefix
 
@@ -106,7 +106,7 @@ class Cluster:
         return f"{self.name} ({n} ops{f', {gone} removed' if gone else ''})"
 
 
-def _members(bodies: Sequence[Body]) -> tuple[dict[str, str], dict[str, float], dict[str, str],
+def _members(bodies: Sequence[Body]) -> tuple[dict[str, str], dict[str, tuple[int, int]], dict[str, str],
                                               list[tuple[str, str]]]:
     """kind, order, op per picture node (a body's nodes named `<body path>/<node>`) and
     the edges, from each body's rewritten graph plus what only its original had."""
@@ -118,10 +118,10 @@ def _members(bodies: Sequence[Body]) -> tuple[dict[str, str], dict[str, float], 
             if d["op"] not in HIDDEN_OPS:
                 kind[prefix + n] = "frozen" if n in body.frozen else \
                     "inserted" if d.get("inserted") else "plain"
-                order[prefix + n], op[prefix + n] = d.get("order", 0.0), d["op"]
+                order[prefix + n], op[prefix + n] = d["order"], d["op"]
         for n, d in old.nodes(data=True):
             if n not in new and d["op"] not in HIDDEN_OPS:
-                kind[prefix + n], order[prefix + n], op[prefix + n] = "removed", d.get("order", 0.0), d["op"]
+                kind[prefix + n], order[prefix + n], op[prefix + n] = "removed", d["order"], d["op"]
         edges += [(prefix + u, prefix + v) for u, v in new.edges()]
         edges += [(prefix + u, prefix + v) for u, v in old.edges() if u not in new or v not in new]
     return kind, order, op, edges
