@@ -42,8 +42,8 @@ from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
 from .guard_writes import _guard_scatter
-from .result import PassResult
 from .masks import compact_entries, frozen_mask, shared_const, slug
+from .result import PassResult
 from .slice_products import clone, gather_axis, slice_product
 
 PASS = "slice_updates"
