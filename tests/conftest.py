@@ -30,25 +30,31 @@ tf.config.set_logical_device_configuration(
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--matrix-sample", type=int, default=1, metavar="N",
-        help="run every test function, but only every Nth of its parametrizations (the first "
-             "always): the oldest CI job's fast subset, which still touches every module")
+        "--matrix-cover", action="store_true",
+        help="run every test function, but of each parametrized one only the points of its "
+             "matrix needed for every parameter value to run at least once (the first point "
+             "always): the oldest CI job's fast subset")
 
 
 def pytest_collection_modifyitems(config, items):
-    n = config.getoption("--matrix-sample")
-    if n <= 1:
+    if not config.getoption("--matrix-cover"):
         return
-    # Deterministic (xdist workers collect independently and must agree): collection order.
-    seen: dict[tuple[str, str], int] = {}
+    # Deterministic (xdist workers collect independently and must agree): collection order,
+    # and parameter values told apart by identity (each is one object of its parametrize list).
+    covered: dict[tuple[str, str], set[tuple[str, int]]] = {}
     kept, dropped = [], []
     for item in items:
-        if getattr(item, "callspec", None) is None:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None:
             kept.append(item)
             continue
-        key = (str(item.path), item.originalname)
-        index = seen[key] = seen.get(key, -1) + 1
-        (kept if index % n == 0 else dropped).append(item)
+        values = {(name, id(value)) for name, value in callspec.params.items()}
+        seen = covered.setdefault((str(item.path), item.originalname), set())
+        if not values <= seen:
+            seen |= values
+            kept.append(item)
+        else:
+            dropped.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
