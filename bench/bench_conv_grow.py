@@ -10,9 +10,9 @@ global average pooling -> dense head (trains); batch of 32x32 images, Adam.
   bias in the forward pass (the correctness reference, and a peer);
 * train everything: the plain step.
 
-All three run interleaved in one process. Before the figures are published, the bench checks
-that graphfreeze trained the same values as the mask trick and left the old channels bitwise
-unchanged.
+All three run interleaved in one process. The bench checks that two steps of graphfreeze and of
+the mask trick from the same weights train the same values (1e-4 relative), and after the
+timed steps that the old channels are bitwise unchanged.
 
     python bench/bench_conv_grow.py [--rounds 7] [--steps 5] [--quick]
 """
@@ -89,16 +89,22 @@ def main(argv=None) -> int:
                         gf.Rows("grown/bias", range(old)))(adam_step(ours))
     peer_step, full_step = adam_step(peer), adam_step(full)
 
+    # the same training: two steps from the same weights give the same values (checked
+    # before timing: over many Adam steps, the two programs' different float rounding drifts)
+    for _ in range(2):
+        gf_step(x, y), peer_step(x, y)
+    for a, b in zip(ours.get_weights(), peer.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
     times = common.interleaved({
         "graphfreeze (Columns rule)": lambda: gf_step(x, y),
         "seed-002 mask trick": lambda: peer_step(x, y),
         "train everything": lambda: full_step(x, y),
     }, rounds=args.rounds, steps=args.steps)
 
-    # graphfreeze and the mask trick took the same number of steps: same values, old
-    # channels exactly as they were
+    # after the timed steps: still close to the mask trick, old channels exactly as they were
     for a, b in zip(ours.get_weights(), peer.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, atol=2e-3)
     kernel, bias = ours.get_layer("grown").get_weights()
     np.testing.assert_array_equal(kernel[..., :old], initial[0][..., :old])
     np.testing.assert_array_equal(bias[:old], initial[1][:old])
