@@ -74,6 +74,8 @@ def chain_bytes(concrete, groups: dict[str, list], of: list[str],
                 full: set | None = None) -> dict[str, object]:
     """Bytes and ops of the chains of the variables named in `of` (see the module doc);
     `full`: the shapes counted as full-size (default: those of the variables in `of`)."""
+    # Adam and AdamW: each variable with its two slots, else a chain would be mistaken
+    assert all(len(groups[name]) == 3 for name in of), {n: len(groups[n]) for n in of}
     graph = concrete.graph
     inner = {id(ext): internal for ext, internal in graph.captures}
     owner = {}  # internal resource placeholder op -> group name
