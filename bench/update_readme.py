@@ -161,9 +161,42 @@ def flat_mask(d: dict) -> str:
             f"layers, {c['optimizer']}, batch {c['batch']} {_median(c)}:\n\n" + "\n".join(lines))
 
 
+def temporaries(d: dict) -> str:
+    def title(model: str, c: dict, chains: int) -> str:
+        if model == "tokens":
+            return (f"trainable tokens ({c['trainable_rows']} of {c['vocab']:,} rows of a tied "
+                    f"{c['vocab']:,} × {c['width']} table), {c['optimizer']}; the table's chain")
+        return (f"grow case ({c['depth']} layers of {c['old_units']}+{c['new_units']}), "
+                f"{c['optimizer']}; chains of the {chains} partly frozen kernels and biases")
+
+    lines = ["| model | contender | temporaries MiB | × slicing off | ops | full-size tensors |",
+             "|---|---|---|---|---|---|"]
+    for model, r in d["models"].items():
+        for name, c in r["contenders"].items():
+            what = title(model, r["config"], len(r["chains_of"]))
+            lines.append(f"| {what} | {name} | {c['bytes'] / 2**20:.1f} | "
+                         f"{c['ratio_vs_unsliced']:.2f} | {c['ops']} | "
+                         f"{c['variable_sized_tensors']} |")
+    return ("Bytes per step of the outputs of the ops that feed only the updates of the partly "
+            "frozen variables (weight gradients and optimizer update chains of the variable and "
+            "its slots; not the loss, not another variable's update), read from the emitted "
+            "graph's shapes; \"full-size\" counts those tensors with a variable's full shape:\n\n"
+            + "\n".join(lines))
+
+
+def conv_grow(d: dict) -> str:
+    c = d["config"]
+    return (f"Conv2D grow: a 3×3 conv {c['width']} → {c['old_channels']}+{c['new_channels']} "
+            f"channels between trainable convs, the {c['old_channels']} old output channels "
+            f"frozen by `Columns`/`Rows` rules, batch {c['batch']} × {c['image']}×{c['image']}, "
+            f"{c['optimizer']} {_median(c)}:\n\n"
+            + _rows(d["seconds_per_step"], d["ratio_vs_train_everything"], "train everything"))
+
+
 SECTIONS = {"core": core, "fit": fit, "partial": partial, "corpus": corpus, "transfer": transfer,
             "distribute": distribute, "cache": cache, "scale": scale, "memory": memory,
-            "tokens": tokens, "flat_mask": flat_mask}
+            "tokens": tokens, "flat_mask": flat_mask, "temporaries": temporaries,
+            "conv_grow": conv_grow}
 
 
 def main() -> int:
