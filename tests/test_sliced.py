@@ -350,3 +350,41 @@ def test_updates_in_cond_branches_keep_slots_paused(wrap):
         if "accumulat" not in v.path:  # the accumulator is back to zero after an even step
             assert not np.array_equal(v.numpy()[~frozen], before[v.path][~frozen])
     assert rw.plan.notes.unsliced and not rw.plan.notes.sliced_writes
+
+
+@pytest.mark.parametrize("kind", ["rows", "columns"])
+def test_partly_frozen_middle_layer_equals_seed002_reference(kind):
+    """hidden2/kernel [12, 10] partly frozen with trainable layers on both sides: hidden1
+    below (its gradient flows through the frozen entries) and out above. The weight-gradient
+    product of hidden2 is sliced; every trainable value equals the seed-002 mask by hand."""
+    frozen = np.zeros((12, 10), bool)
+    if kind == "rows":
+        frozen[[0, 3, 7, 8]] = True
+        rules = [gf.Rows("hidden2/kernel", [0, 3, 7, 8])]
+    else:
+        frozen[:, 2:6] = True
+        rules = [gf.Columns("hidden2/kernel", slice(2, 6))]
+    model = mlp(SIZES)
+    reference = masked_mlp(SIZES, {"hidden2": (keep_of(frozen), None)})
+    reference.set_weights(model.get_weights())
+    step = make_step(model, keras.optimizers.Adam(1e-2))
+    plain = tf.function(step).get_concrete_function(*DATA[0]).graph
+    assert (12, 10) in {tuple(op.outputs[0].shape) for op in plain.get_operations()
+                        if op.type == "MatMul"}
+    rw = gf.rewrite(step, rules, *DATA[0])
+    products = [d["shapes"][0] for _, d in rw.graph.nodes(data=True) if d["op"] == "MatMul"]
+    assert (12, 10) not in products, products
+    ref_step = tf.function(make_step(reference, keras.optimizers.Adam(1e-2)))
+    start = model.get_layer("hidden2").kernel.numpy().copy()
+    for x, y in DATA:
+        rw(x, y)
+        ref_step(x, y)
+    now = model.get_layer("hidden2").kernel.numpy()
+    assert np.array_equal(now[frozen], start[frozen])
+    np.testing.assert_allclose(now[~frozen], reference.get_layer("hidden2").kernel.numpy()[~frozen],
+                               atol=1e-5, rtol=1e-5)
+    for name in ("hidden1", "out"):  # below and above the partly frozen layer
+        for va, vb in zip(model.get_layer(name).variables, reference.get_layer(name).variables):
+            np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(model.get_layer("hidden2").bias.numpy(),
+                               reference.get_layer("hidden2").bias.numpy(), atol=1e-5, rtol=1e-5)
