@@ -498,3 +498,26 @@ def test_packed_masks_compile_with_xla(pack_small_masks):
     inserted = {d["op"] for _, d in rw.graph.nodes(data=True)
                 if d.get("inserted") and not d.get("cloned")}  # clones: slice_updates
     assert {"BitwiseAnd", "NotEqual"} <= inserted <= INSERTED_OPS, inserted - INSERTED_OPS
+
+
+def test_packed_columns_mask_on_sparse_rows(pack_small_masks):
+    """A Columns mask is the same for every row (compact [1, 8], packed into one byte): the
+    mask rows of a sparse update must still be unpacked to bools, not used as bytes."""
+    frozen = np.zeros((20, 8), bool)
+    frozen[:, [0, 2, 5]] = True
+    model = _embedding_model(dim=8)
+    reference = _embedding_model(dim=8, layer=MaskedEmbedding, keep=keep_of(frozen))
+    reference.set_weights(model.get_weights())
+    emb = model.get_layer("emb").embeddings
+    before = emb.numpy().copy()
+    rw = gf.rewrite(make_step(model, keras.optimizers.SGD(0.1)),
+                    [gf.Columns("emb/embeddings", [0, 2, 5])], *EMB_DATA[0])
+    consts = [d for n, d in rw.graph.nodes(data=True) if n.startswith("graphfreeze/frozen/")]
+    assert consts and consts[0]["shapes"][0] == (1, 1)  # 8 columns in one byte
+    ref_step = tf.function(make_step(reference, keras.optimizers.SGD(0.1)))
+    for x, y in EMB_DATA:
+        rw(x, y)
+        ref_step(x, y)
+    assert np.array_equal(emb.numpy()[frozen], before[frozen])
+    assert not np.array_equal(emb.numpy()[~frozen], before[~frozen])
+    assert_close_models(model, reference)

@@ -92,9 +92,10 @@ def frozen_mask(b: Builder, vf: VariableFreeze) -> Tensor:
 
 def frozen_rows(b: Builder, vf: VariableFreeze, indices: Tensor) -> Tensor:
     """The mask of rows `indices` (axis 0), broadcastable to [*indices.shape, *shape[1:]]."""
-    mask = stored_mask(b, vf)
-    rows = compact_rows(b, mask, vf.compact.shape, indices, "frozen")
-    return _unpack(b, rows, vf) if packed(vf) and rows != mask else rows
+    # unpacked after the gather (fewer bytes to expand), also when every row is the same and
+    # `compact_rows` hands back the stored constant itself
+    rows = compact_rows(b, stored_mask(b, vf), vf.compact.shape, indices, "frozen")
+    return _unpack(b, rows, vf) if packed(vf) else rows
 
 
 def frozen_entries(b: Builder, vf: VariableFreeze, indices: Tensor) -> Tensor:
