@@ -51,6 +51,17 @@ class PlainAffine(keras.layers.Layer):
         return tf.tanh(y + self.bias if self.use_bias else y)
 
 
+class HeadMatMul(keras.layers.Layer):
+    """tanh(tf.matmul(x, w)) per head: [heads, batch, d] @ w [heads, d, out] (a BatchMatMulV2
+    whose batch axis is w's axis 0), from and back to [batch, heads, ...]."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[1], shape[2], 4), name="w")
+
+    def call(self, x):
+        return tf.transpose(tf.tanh(tf.matmul(tf.transpose(x, (1, 0, 2)), self.w)), (1, 0, 2))
+
+
 def _conv(x, k, b):
     return tf.tanh(tf.nn.conv2d(x, k, 1, "SAME") + b)
 
@@ -263,5 +274,21 @@ def test_depthwise_kernel_rows_are_gathered_from_the_full_gradient():
     frozen = _columns((3, 3, 4, 3), [0], axis=0)
     case = Case(case.layers, case.forward, case.x, case.y, [gf.Rows("mid/kernel", [0])],
                 {"mid/kernel": frozen}, case.op, case.full, case.full)
+    _, ops = _run(case)
+    assert (case.op, case.full) in ops
+
+
+def test_batch_matmul_heads_are_gathered_from_the_full_gradient():
+    """Frozen heads of a per-head weight [heads, d, out] are lines along the batched matmul's
+    batch axis: no cut applies, its full gradient is computed and the trainable heads
+    gathered, still equal to the reference."""
+    def forward(p, x):
+        h = tf.tanh(tf.einsum("nsi,io->nso", x, p["below/kernel"]) + p["below/bias"])
+        return _flat_dense(tf.tanh(tf.einsum("nsi,sio->nso", h, p["mid/w"])), p, "above")
+
+    case = Case(lambda: [keras.Input((3, 5)), keras.layers.Dense(6, "tanh", name="below"),
+                         HeadMatMul(name="mid"), keras.layers.Flatten(), keras.layers.Dense(3, name="above")],
+                forward, (N, 3, 5), (N, 3), [gf.Rows("mid/w", [1])],
+                {"mid/w": _columns((3, 6, 4), [1], axis=0)}, "BatchMatMulV2", (3, 6, 4), (3, 6, 4))
     _, ops = _run(case)
     assert (case.op, case.full) in ops
