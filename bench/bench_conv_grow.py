@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from references import entry_stop_gradients  # noqa: E402
 
 
-class MaskedConv2D(keras.layers.Conv2D):
-    """Conv2D whose kernel and bias go through the seed-002 trick (keep: 1 = trains)."""
+class _Masked:
+    """A conv layer whose kernel and bias go through the seed-002 trick (keep: 1 = trains)."""
 
     def __init__(self, kernel_keep, bias_keep, **kwargs):
         super().__init__(**kwargs)
@@ -49,22 +49,19 @@ class MaskedConv2D(keras.layers.Conv2D):
     def call(self, inputs):
         kernel = entry_stop_gradients(self.kernel, tf.constant(self.kernel_keep))
         bias = entry_stop_gradients(self.bias, tf.constant(self.bias_keep))
-        y = tf.nn.conv2d(inputs, kernel, strides=1, padding="SAME") + bias
-        return self.activation(y)
+        return self.activation(self.convolve(inputs, kernel) + bias)
 
 
-class MaskedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
-    """DepthwiseConv2D whose kernel and bias go through the seed-002 trick (keep: 1 = trains)."""
+class MaskedConv2D(_Masked, keras.layers.Conv2D):
+    @staticmethod
+    def convolve(x, kernel):
+        return tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
 
-    def __init__(self, kernel_keep, bias_keep, **kwargs):
-        super().__init__(**kwargs)
-        self.kernel_keep, self.bias_keep = kernel_keep, bias_keep
 
-    def call(self, inputs):
-        kernel = entry_stop_gradients(self.kernel, tf.constant(self.kernel_keep))
-        bias = entry_stop_gradients(self.bias, tf.constant(self.bias_keep))
-        y = tf.nn.depthwise_conv2d(inputs, kernel, [1, 1, 1, 1], padding="SAME") + bias
-        return self.activation(y)
+class MaskedDepthwiseConv2D(_Masked, keras.layers.DepthwiseConv2D):
+    @staticmethod
+    def convolve(x, kernel):
+        return tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], padding="SAME")
 
 
 def _keeps(kernel_shape, old: int, axis: int):
