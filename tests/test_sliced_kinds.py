@@ -104,6 +104,16 @@ def _conv_layer(filters, name):
     return keras.layers.Conv2D(filters, 3, padding="same", activation="tanh", name=name)
 
 
+def _conv_layers():
+    return [keras.Input((6, 6, 2)), _conv_layer(4, "below"), _conv_layer(5, "mid"),
+            keras.layers.Flatten(), keras.layers.Dense(3, name="above")]
+
+
+def _conv_forward(p, x):
+    return _flat_dense(_conv(_conv(x, p["below/kernel"], p["below/bias"]),
+                             p["mid/kernel"], p["mid/bias"]), p, "above")
+
+
 def _depthwise_layers():
     return [keras.Input((6, 6, 2)), _conv_layer(4, "below"),
             keras.layers.DepthwiseConv2D(3, depth_multiplier=3, padding="same", activation="tanh",
@@ -138,13 +148,16 @@ CASES = {
         "BiasAddGrad", (6,), (4,)),
     # Keras's Conv2D: BiasAddGrad under two Reshapes
     "conv_bias": Case(
-        lambda: [keras.Input((6, 6, 2)), _conv_layer(4, "below"), _conv_layer(5, "mid"),
-                 keras.layers.Flatten(), keras.layers.Dense(3, name="above")],
-        lambda p, x: _flat_dense(_conv(_conv(x, p["below/kernel"], p["below/bias"]),
-                                       p["mid/kernel"], p["mid/bias"]), p, "above"),
+        _conv_layers, _conv_forward,
         (N, 6, 6, 2), (N, 3), [gf.Columns("mid/*", [0, 3])],
         {"mid/kernel": _columns((3, 3, 4, 5), [0, 3]), "mid/bias": _columns((5,), [0, 3])},
         "BiasAddGrad", (5,), (3,)),
+    # frozen input channels of a Conv2D (a Mask of whole lines along the kernel's axis 2)
+    "conv_input_channels": Case(
+        _conv_layers, _conv_forward,
+        (N, 6, 6, 2), (N, 3), [gf.Mask("mid/kernel", _columns((3, 3, 4, 5), [1, 2], axis=2))],
+        {"mid/kernel": _columns((3, 3, 4, 5), [1, 2], axis=2)},
+        "Conv2DBackpropFilter", (3, 3, 4, 5), (3, 3, 2, 5)),
     "nchw_bias": Case(
         lambda: [keras.Input((6, 3)), keras.layers.Dense(4, "tanh", name="below"), NCHWBias(name="mid"),
                  keras.layers.Flatten(), keras.layers.Dense(3, name="above")],

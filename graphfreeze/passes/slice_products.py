@@ -12,7 +12,8 @@ For a tied embedding's projection (logits = h @ table^T) the table's gradient is
 `MatMul(dlogits, h, transpose_a=True)`: its trainable rows need only the matching columns
 of dlogits, so a few trainable token rows cost a few columns, not the 32,000 x d product.
 The same holds for a batched matmul (`tf.matmul` of a [batch, seq, d] input: the kernel's
-gradient is a BatchMatMulV2 summed over the batch), a depthwise filter gradient (output
+gradient is a BatchMatMulV2 summed over the batch), a Conv2D filter gradient's input
+channels (those channels of the input), a depthwise filter gradient (output
 channel c * multiplier + m of the output gradient belongs to input channel c, multiplier m)
 and a bias gradient (BiasAddGrad, or the Sum over the broadcast axes of `x + b`): the
 trainable channels need only those channels of the output gradient. A cut passes through a
@@ -64,7 +65,8 @@ def slice_product(b: Builder, tensor: Tensor, axis: int, indices: Tensor,
     if op == "UnsortedSegmentSum":
         return _slice_segment_sum(b, node, axis, indices, sliced)
     if op == "Conv2DBackpropFilter":
-        return _slice_filter_gradient(b, node, axis, indices, sliced)
+        cut = _slice_filter_gradient if axis == 3 else _slice_filter_inputs
+        return cut(b, node, axis, indices, sliced)
     if op in _MORE:
         return _MORE[op](b, node, axis, indices, sliced)
     a, c = ir.inputs(node)[:2]
@@ -134,6 +136,28 @@ def _slice_filter_gradient(b: Builder, node: str, axis: int, indices: Tensor,
     return clone(b, node, [image, sizes, grad], sliced)
 
 
+def _slice_filter_inputs(b: Builder, node: str, axis: int, indices: Tensor,
+                         sliced: tuple[int, ...]) -> Tensor | None:
+    """Conv2DBackpropFilter [h, w, in, out]: the trainable input channels (axis 2) need only
+    those channels of the input; not for a grouped convolution, whose filter's `in` is a
+    group's channels (fewer than the input's)."""
+    ir = b.ir
+    image = ir.inputs(node)[0]
+    shape, full = ir.shape(image), ir.shape((node, 0))
+    channel = _channel_axis(ir, node)
+    if axis != 2 or len(sliced) != 4 or shape is None or full is None \
+            or shape[channel] is None or shape[channel] != full[2]:
+        return None
+    image = _operand_lines(b, image, channel, indices, "input_channels")
+    sizes = b.const("filter_sizes", np.asarray(sliced, np.int32), tf.int32)
+    return clone(b, node, [image, sizes, ir.inputs(node)[2]], sliced)
+
+
+def _channel_axis(ir, node: str) -> int:
+    """The channel axis of a 2-D convolution's input and output gradient."""
+    return 1 if (ir.nodedef(node).attr["data_format"].s.decode() or "NHWC") == "NCHW" else 3
+
+
 def _operand_lines(b: Builder, tensor: Tensor, axis: int, indices: Tensor, suffix: str) -> Tensor:
     """The lines `indices` along `axis` of an operand of a cut op: cut where it is computed
     when the cut op is its only reader (that full-size op then goes dead), else gathered."""
@@ -190,7 +214,7 @@ def _slice_depthwise_filter_gradient(b: Builder, node: str, axis: int, indices: 
     if axis not in (2, 3) or full is None or None in full or trainable is None:
         return None
     image, _, grad = ir.inputs(node)[:3]
-    channel = 1 if (ir.nodedef(node).attr["data_format"].s.decode() or "NHWC") == "NCHW" else 3
+    channel = _channel_axis(ir, node)
     inputs, multiplier = np.arange(full[2]), np.arange(full[3])
     if axis == 3:
         multiplier = trainable
