@@ -193,10 +193,20 @@ def conv_grow(d: dict) -> str:
             + _rows(d["seconds_per_step"], d["ratio_vs_train_everything"], "train everything"))
 
 
+def depthwise_grow(d: dict) -> str:
+    c = d["config"]
+    return (f"Grown MobileNet-style block: a 3×3 conv 3 → {c['old_channels']}+{c['new_channels']} "
+            f"channels, then a 3×3 `DepthwiseConv2D` over them, then a trainable 1×1 conv to "
+            f"{c['width']}; the {c['old_channels']} old channels of both grown layers frozen "
+            f"(`Columns`/`Rows`, and a `Mask` of whole input channels on the depthwise kernel), "
+            f"batch {c['batch']} × {c['image']}×{c['image']}, {c['optimizer']} {_median(c)}:\n\n"
+            + _rows(d["seconds_per_step"], d["ratio_vs_train_everything"], "train everything"))
+
+
 SECTIONS = {"core": core, "fit": fit, "partial": partial, "corpus": corpus, "transfer": transfer,
             "distribute": distribute, "cache": cache, "scale": scale, "memory": memory,
             "tokens": tokens, "flat_mask": flat_mask, "temporaries": temporaries,
-            "conv_grow": conv_grow}
+            "conv_grow": conv_grow, "depthwise_grow": depthwise_grow}
 
 
 def main() -> int:

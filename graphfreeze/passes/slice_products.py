@@ -11,6 +11,15 @@ so the operand is gathered to the trainable lines and the product runs on them:
 For a tied embedding's projection (logits = h @ table^T) the table's gradient is
 `MatMul(dlogits, h, transpose_a=True)`: its trainable rows need only the matching columns
 of dlogits, so a few trainable token rows cost a few columns, not the 32,000 x d product.
+The same holds for a batched matmul (`tf.matmul` of a [batch, seq, d] input: the kernel's
+gradient is a BatchMatMulV2 summed over the batch), a Conv2D filter gradient's input
+channels (those channels of the input), a depthwise filter gradient (output
+channel c * multiplier + m of the output gradient belongs to input channel c, multiplier m)
+and a bias gradient (BiasAddGrad, or the Sum over the broadcast axes of `x + b`): the
+trainable channels need only those channels of the output gradient. A cut passes through a
+Reshape that keeps the line (Keras's Conv2D bias gradient is BiasAddGrad under two
+Reshapes) and a Sum that does not reduce it; an operand that only the cut op reads is cut
+where it is computed, any other operand is gathered (it is computed in full anyway).
 `slice_updates` calls `slice_product` while cloning an update chain backwards.
 """
 
@@ -23,7 +32,9 @@ from ..ir import Tensor
 from .build import Builder
 
 #: Ops whose output lines along an axis come from lines of their inputs: cut there.
-PRODUCTS = frozenset({"MatMul", "Einsum", "UnsortedSegmentSum", "Conv2DBackpropFilter"})
+PRODUCTS = frozenset({"MatMul", "Einsum", "UnsortedSegmentSum", "Conv2DBackpropFilter",
+                      "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "BiasAddGrad",
+                      "DepthwiseConv2dNativeBackpropFilter", "Sum", "Reshape"})
 
 
 def gather_axis(b: Builder, params: Tensor, indices: Tensor, axis: int, suffix: str) -> Tensor:
@@ -54,7 +65,10 @@ def slice_product(b: Builder, tensor: Tensor, axis: int, indices: Tensor,
     if op == "UnsortedSegmentSum":
         return _slice_segment_sum(b, node, axis, indices, sliced)
     if op == "Conv2DBackpropFilter":
-        return _slice_filter_gradient(b, node, axis, indices, sliced)
+        cut = _slice_filter_gradient if axis == 3 else _slice_filter_inputs
+        return cut(b, node, axis, indices, sliced)
+    if op in _MORE:
+        return _MORE[op](b, node, axis, indices, sliced)
     a, c = ir.inputs(node)[:2]
     shape = ir.shape(tensor)
     if shape is None or len(shape) != 2:
@@ -120,6 +134,174 @@ def _slice_filter_gradient(b: Builder, node: str, axis: int, indices: Tensor,
     grad = gather_axis(b, grad, indices, 3 if data_format == "NHWC" else 1, "output_channels")
     sizes = b.const("filter_sizes", np.asarray(sliced, np.int32), tf.int32)
     return clone(b, node, [image, sizes, grad], sliced)
+
+
+def _slice_filter_inputs(b: Builder, node: str, axis: int, indices: Tensor,
+                         sliced: tuple[int, ...]) -> Tensor | None:
+    """Conv2DBackpropFilter [h, w, in, out]: the trainable input channels (axis 2) need only
+    those channels of the input; not for a grouped convolution, whose filter's `in` is a
+    group's channels (fewer than the input's)."""
+    ir = b.ir
+    image = ir.inputs(node)[0]
+    shape, full = ir.shape(image), ir.shape((node, 0))
+    channel = _channel_axis(ir, node)
+    if axis != 2 or len(sliced) != 4 or shape is None or full is None \
+            or shape[channel] is None or shape[channel] != full[2]:
+        return None
+    image = _operand_lines(b, image, channel, indices, "input_channels")
+    sizes = b.const("filter_sizes", np.asarray(sliced, np.int32), tf.int32)
+    return clone(b, node, [image, sizes, ir.inputs(node)[2]], sliced)
+
+
+def _channel_axis(ir, node: str) -> int:
+    """The channel axis of a 2-D convolution's input and output gradient."""
+    return 1 if (ir.nodedef(node).attr["data_format"].s.decode() or "NHWC") == "NCHW" else 3
+
+
+def _operand_lines(b: Builder, tensor: Tensor, axis: int, indices: Tensor, suffix: str) -> Tensor:
+    """The lines `indices` along `axis` of an operand of a cut op: cut where it is computed
+    when the cut op is its only reader (that full-size op then goes dead), else gathered."""
+    ir = b.ir
+    shape, n = ir.shape(tensor), ir.shape(indices)
+    if shape is not None and n is not None and len(ir.consumers(tensor)) == 1:
+        lines = tuple(shape[:axis]) + tuple(n) + tuple(shape[axis + 1:])
+        out = slice_product(b, tensor, axis, indices, lines)
+        if out is not None:
+            return out
+    return gather_axis(b, tensor, indices, axis, suffix)
+
+
+def _slice_batch_matmul(b: Builder, node: str, axis: int, indices: Tensor,
+                        sliced: tuple[int, ...]) -> Tensor | None:
+    """BatchMatMul[V2, V3]: as MatMul for the last two axes (the batch axes are left to the
+    caller); adj_x / adj_y say which axis of an operand holds the output's rows / columns."""
+    ir = b.ir
+    x, y = ir.inputs(node)[:2]
+    shape, x_shape, y_shape = ir.shape((node, 0)), ir.shape(x), ir.shape(y)
+    if shape is None or x_shape is None or y_shape is None or axis < len(shape) - 2:
+        return None
+    attrs = ir.nodedef(node).attr
+    if axis == len(shape) - 2:
+        x = _operand_lines(b, x, len(x_shape) - (1 if attrs["adj_x"].b else 2), indices, "product_rows")
+    else:
+        y = _operand_lines(b, y, len(y_shape) - (2 if attrs["adj_y"].b else 1), indices, "product_columns")
+    return clone(b, node, [x, y], sliced)
+
+
+def _slice_bias_gradient(b: Builder, node: str, axis: int, indices: Tensor,
+                         sliced: tuple[int, ...]) -> Tensor | None:
+    """BiasAddGrad [channels]: the sum of the output gradient's trainable channels (axis 1
+    under NCHW, the last axis under NHWC)."""
+    ir = b.ir
+    grad = ir.inputs(node)[0]
+    shape = ir.shape(grad)
+    if axis != 0 or shape is None:
+        return None
+    data_format = ir.nodedef(node).attr["data_format"].s.decode() or "NHWC"
+    channel = 1 if data_format.startswith("NC") else len(shape) - 1
+    return clone(b, node, [_operand_lines(b, grad, channel, indices, "bias_channels")], sliced)
+
+
+def _slice_depthwise_filter_gradient(b: Builder, node: str, axis: int, indices: Tensor,
+                                     sliced: tuple[int, ...]) -> Tensor | None:
+    """DepthwiseConv2dNativeBackpropFilter [h, w, in, multiplier]: output channel
+    c * multiplier + m comes from input channel c and filter [..., c, m] alone, so trainable
+    multipliers (axis 3) need those output-gradient channels of every input channel, and
+    trainable input channels (axis 2) those input channels and their output-channel groups."""
+    ir = b.ir
+    full = ir.shape((node, 0))
+    trainable = ir.const_value(indices)
+    if axis not in (2, 3) or full is None or None in full or trainable is None:
+        return None
+    image, _, grad = ir.inputs(node)[:3]
+    channel = _channel_axis(ir, node)
+    inputs, multiplier = np.arange(full[2]), np.arange(full[3])
+    if axis == 3:
+        multiplier = trainable
+    else:
+        inputs = trainable
+        image = _operand_lines(b, image, channel, indices, "input_channels")
+    groups = (inputs[:, None] * full[3] + multiplier[None, :]).reshape(-1).astype(np.int32)
+    grad = _operand_lines(b, grad, channel, b.const("depthwise_channels", groups, tf.int32),
+                          "output_channels")
+    sizes = b.const("filter_sizes", np.asarray(sliced, np.int32), tf.int32)
+    return clone(b, node, [image, sizes, grad], sliced)
+
+
+def _slice_sum(b: Builder, node: str, axis: int, indices: Tensor,
+               sliced: tuple[int, ...]) -> Tensor | None:
+    """Sum over axes other than the cut one: the sum of the operand's lines. The axes are a
+    constant (a bias's `x + b` gradient) or, for a batched matmul's gradient, the broadcast
+    batch axes BroadcastGradientArgs computes at run time: never one of the last two."""
+    ir = b.ir
+    x, reduction = ir.inputs(node)[:2]
+    shape, out = ir.shape(x), ir.shape((node, 0))
+    if shape is None or out is None:
+        return None
+    keep = ir.nodedef(node).attr["keep_dims"].b
+    reduced = ir.const_value(reduction)
+    if reduced is not None:
+        reduced = {int(r) % len(shape) for r in np.ravel(reduced)}
+        kept = [a for a in range(len(shape)) if keep or a not in reduced]
+        if axis >= len(kept) or kept[axis] in reduced:
+            return None
+        line = kept[axis]
+    elif not keep and _batch_axes(ir, reduction, len(shape)) and axis >= len(out) - 2:
+        line = axis + len(shape) - len(out)
+    else:
+        return None
+    return clone(b, node, [_operand_lines(b, x, line, indices, "sum_operand"), reduction], sliced)
+
+
+def _batch_axes(ir, reduction: Tensor, rank: int) -> bool:
+    """True when `reduction` is an output of BroadcastGradientArgs over shapes of at most
+    rank - 2 axes: every axis it names is a batch axis of a rank-`rank` matmul result."""
+    if ir.op(reduction[0]) != "BroadcastGradientArgs":
+        return False
+    shapes = [ir.shape(t) for t in ir.inputs(reduction[0])[:2]]
+    return all(s is not None and len(s) == 1 and s[0] is not None and s[0] <= rank - 2
+               for s in shapes)
+
+
+def _slice_reshape(b: Builder, node: str, axis: int, indices: Tensor,
+                   sliced: tuple[int, ...]) -> Tensor | None:
+    """A Reshape that keeps line `axis` whole (the same length, the same number of elements
+    before it): the reshaped lines of its operand, when that operand's producer can be cut;
+    else None (gathering after the Reshape costs the same as before it)."""
+    ir = b.ir
+    x = ir.inputs(node)[0]
+    shape, out, n = ir.shape(x), ir.shape((node, 0)), ir.shape(indices)
+    if shape is None or out is None or n is None or sum(d is None for d in sliced) > 1 \
+            or len(ir.consumers(x)) != 1:
+        return None
+    line = _same_line(tuple(shape), tuple(out), axis)
+    if line is None:
+        return None
+    lines = tuple(shape[:line]) + tuple(n) + tuple(shape[line + 1:])
+    inner = slice_product(b, x, line, indices, lines)
+    return None if inner is None else b.reshape(inner, sliced, "reshape_lines")
+
+
+def _same_line(shape: tuple, out: tuple, axis: int) -> int | None:
+    """The axis of `shape` whose lines are the lines of `out` along `axis` after a reshape
+    (the same length and the same count of elements before, or after, it); None if none."""
+    def count(dims):
+        return None if None in dims else int(np.prod(dims, dtype=np.int64))
+    length = out[axis]
+    if length is None:
+        return None
+    before, after = count(out[:axis]), count(out[axis + 1:])
+    for a, d in enumerate(shape):
+        if d == length and ((before is not None and count(shape[:a]) == before)
+                            or (after is not None and count(shape[a + 1:]) == after)):
+            return a
+    return None
+
+
+_MORE = {"BatchMatMul": _slice_batch_matmul, "BatchMatMulV2": _slice_batch_matmul,
+         "BatchMatMulV3": _slice_batch_matmul, "BiasAddGrad": _slice_bias_gradient,
+         "DepthwiseConv2dNativeBackpropFilter": _slice_depthwise_filter_gradient,
+         "Sum": _slice_sum, "Reshape": _slice_reshape}
 
 
 def clone(b: Builder, node: str, inputs: list[Tensor], shape: tuple[int, ...]) -> Tensor:
