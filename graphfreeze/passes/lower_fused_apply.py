@@ -39,7 +39,7 @@ from ..plan import Plan
 from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
-from .masks import shared_const, slug
+from .masks import select_frozen, shared_const, slug
 from .result import PassResult
 
 PASS = "lower_fused_apply"
@@ -66,7 +66,7 @@ def lower_fused_apply(program: Program, plan: Plan) -> PassResult:
         if sparse:
             _to_sparse(ir, plan, node, vf)
         else:
-            _lower(ir, plan, node, vf)
+            _lower(program, ir, plan, node, vf)
     if found and plan.dependence is not None:
         plan.dependence.solve_again()
     return PassResult(program, program.edits != start)
@@ -282,7 +282,7 @@ FORMULAS: dict[str, Formula] = {
 assert set(FORMULAS) == opkinds.LOWERED_APPLY
 
 
-def _lower(ir: IR, plan: Plan, node: str, vf: VariableFreeze) -> None:
+def _lower(program: Program, ir: IR, plan: Plan, node: str, vf: VariableFreeze) -> None:
     op = ir.op(node)
     op_def = op_def_registry.get(op)
     inputs = dict(zip(_input_names(op), ir.inputs(node)))
@@ -298,13 +298,23 @@ def _lower(ir: IR, plan: Plan, node: str, vf: VariableFreeze) -> None:
             if name in resources else t
     gradient = "grad" if "grad" in values else "delta"
     m.mark_full(values[gradient])
+    known = plan.capture.variable_by_placeholder
     writes = []
     for name, kind, value in FORMULAS[op](m, values, attrs):
+        owners = program.resource_owners(ir, inputs[name])
+        if name != "var" and not (owners and owners <= known.keys()):
+            # a slot no optimizer object names (raw ops on plain tf.Variables): slice_updates
+            # cannot know it is V's, so its frozen entries are kept here (S4)
+            value = select_frozen(b, vf, values[name] if kind == "assign" else 0.0, value)
         writes.append(ir.add_node(
             f"{b.prefix}/{name}_{kind}", _ASSIGN[kind], [inputs[name], value],
             attrs={"dtype": dtype}, device=ir.device(node), after=b.after,
             inserted_by=PASS))
-    for src in ir.control_inputs(node):
+    # every read before any write, also once slice_updates replaces a read by a gather of
+    # the trainable entries (it keeps the read's control edges): Adagrad's step reads the
+    # accumulator it also adds to
+    reads = [values[name][0] for name in resources]
+    for src in [*ir.control_inputs(node), *reads]:
         for w in writes:
             ir.add_control_edge(src, w)
     for _, dst, data in list(ir.graph.out_edges(node, data=True)):
