@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import make_step
 from references import entry_stop_gradients
 
 import graphfreeze as gf
@@ -207,13 +208,7 @@ def _model(masked=False):
 
 
 def _step(model, optimizer):
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean((model(x, training=True) - y) ** 2)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-    return step
+    return make_step(model, optimizer, lambda y, p: tf.reduce_mean((p - y) ** 2))
 
 
 def _slots(optimizer, variable):
@@ -260,18 +255,26 @@ def _check(model, reference, opt, ref_opt, frozen, before):
     np.testing.assert_allclose(h2.bias.numpy(), ref_h2.bias.numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["rows", "columns", "mask"])
-@pytest.mark.parametrize("opt_name", sorted(LEGACY))
-def test_tf_keras_legacy_optimizer_on_a_partly_frozen_middle_kernel(opt_name, kind):
+def _run(make_opt, kind, jit=False, pause_slots=True):
+    """Freeze h2/kernel by `kind` after three plain steps, train both sides three more,
+    check against the reference; the rewritten step."""
     rules, frozen = _h2_rules(kind)
-    model, reference, opt, ref_opt, ref_step = _pair(LEGACY[opt_name], frozen)
+    model, reference, opt, ref_opt, ref_step = _pair(make_opt, frozen, jit, pause_slots)
     kernel = model.get_layer("h2").kernel
     before = [v.numpy().copy() for v in [kernel, *_slots(opt, kernel)]]
-    rw = gf.rewrite(_step(model, opt), rules, *DATA[0])
+    step = _step(model, opt)
+    rw = gf.rewrite(tf.function(step, jit_compile=True) if jit else step, rules, *DATA[0])
     for x, y in DATA[3:]:
         rw(x, y)
         ref_step(x, y)
     _check(model, reference, opt, ref_opt, frozen, before)
+    return rw
+
+
+@pytest.mark.parametrize("kind", ["rows", "columns", "mask"])
+@pytest.mark.parametrize("opt_name", sorted(LEGACY))
+def test_tf_keras_legacy_optimizer_on_a_partly_frozen_middle_kernel(opt_name, kind):
+    rw = _run(LEGACY[opt_name], kind)
     fused = _fused_on(rw, rw.plan.freezes[0].variable.placeholder)
     if kind == "rows" and SPARSE_OP[opt_name]:
         assert fused == [SPARSE_OP[opt_name]]
@@ -282,16 +285,8 @@ def test_tf_keras_legacy_optimizer_on_a_partly_frozen_middle_kernel(opt_name, ki
 def test_tf_keras_rows_under_xla_are_written_out_and_sliced():
     """XLA has no ResourceSparseApply* kernels: under jit_compile the momentum kernel is
     written out and its update scattered at the trainable rows."""
-    rules, frozen = _h2_rules("rows")
-    model, reference, opt, ref_opt, ref_step = _pair(LEGACY["sgd_momentum"], frozen, jit=True)
-    kernel = model.get_layer("h2").kernel
-    before = [v.numpy().copy() for v in [kernel, *_slots(opt, kernel)]]
-    rw = gf.rewrite(tf.function(_step(model, opt), jit_compile=True), rules, *DATA[0])
+    rw = _run(LEGACY["sgd_momentum"], "rows", jit=True)
     assert rw.function._jit_compile is True
-    for x, y in DATA[3:]:
-        rw(x, y)
-        ref_step(x, y)
-    _check(model, reference, opt, ref_opt, frozen, before)
     ops = {rw.ir.op(n) for n in rw.plan.notes.sliced_writes}
     assert ops == {"ResourceScatterAdd", "ResourceScatterUpdate"}, ops
     assert not [op for _, op in rw.graph.nodes(data="op") if op.startswith("ResourceSparseApply")]
@@ -310,18 +305,9 @@ V1 = {"momentum": (lambda: tf.compat.v1.train.MomentumOptimizer(0.05, 0.9),
 @pytest.mark.parametrize("opt_name", sorted(V1))
 def test_tf_compat_v1_optimizers(opt_name):
     make, want = V1[opt_name]
-    rules, frozen = _h2_rules("rows")
     # Adagrad (no epsilon) divides by its accumulator: a zero one would be 0/0 in the
     # reference; with the gradient 0 its update at frozen entries is 0 anyway
-    model, reference, opt, ref_opt, ref_step = _pair(make, frozen,
-                                                     pause_slots=opt_name != "adagrad")
-    kernel = model.get_layer("h2").kernel
-    before = [v.numpy().copy() for v in [kernel, *_slots(opt, kernel)]]
-    rw = gf.rewrite(_step(model, opt), rules, *DATA[0])
-    for x, y in DATA[3:]:
-        rw(x, y)
-        ref_step(x, y)
-    _check(model, reference, opt, ref_opt, frozen, before)
+    rw = _run(make, "rows", pause_slots=opt_name != "adagrad")
     assert _fused_on(rw, rw.plan.freezes[0].variable.placeholder) == want
 
 
