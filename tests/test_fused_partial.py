@@ -329,3 +329,16 @@ def test_tf_keras_fit_with_a_legacy_optimizer(kind):
     rw = gf.keras.rewritten(model)
     want = ["ResourceSparseApplyKerasMomentum"] if kind == "rows" else []
     assert _fused_on(rw, rw.plan.freezes[0].variable.placeholder) == want
+
+
+@pytest.mark.parametrize("kind", ["rows", "columns"])
+def test_fused_kernel_in_cond_branches(kind):
+    """A LossScaleOptimizer applies the update inside `cond` branches (function bodies): the
+    sparse kernel there, or the written-out one guarded (bodies are not sliced)."""
+    rw = _run(lambda: tf_keras.mixed_precision.LossScaleOptimizer(LEGACY["sgd_momentum"]()),
+              kind)
+    bodies = [op for body in rw.program.bodies.values() for _, op in body.graph.nodes(data="op")]
+    if kind == "rows":
+        assert "ResourceSparseApplyKerasMomentum" in bodies
+    else:
+        assert rw.plan.notes.unsliced and "ResourceApplyKerasMomentum" in bodies  # other layers
