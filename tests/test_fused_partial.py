@@ -154,6 +154,26 @@ def test_refused_by_name(key, kind, jit, match):
     assert all(np.array_equal(a, b) for a, b in zip(kernel.state(), before))
 
 
+@pytest.mark.parametrize("key", ["GradientDescent", "Momentum", "Adam", "AdaMax", "AdagradV2",
+                                 "Adadelta"])
+def test_scaled_fused_kernel_equals_a_scaled_learning_rate(key):
+    """gf.Scale on a variable a fused kernel writes: the kernel is written out and its update
+    scaled, which for these kernels (the step linear in the rate, the slots not depending on
+    it) is the same kernel with the rate times the factor."""
+    kernel, reference = _Kernel(key), _Kernel(key, "ref_")
+    rate = "alpha" if "alpha" in reference.scalars else "lr"
+    reference.scalars = {**reference.scalars, rate: reference.scalars[rate] * 0.5}
+    rw = gf.rewrite(kernel.step(), [gf.Scale("w", 0.5)], X)
+    ref_step = tf.function(reference.step())
+    for _ in range(3):
+        rw(X)
+        ref_step(X)
+    for got, want in zip(kernel.state(), reference.state()):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    assert rw.plan.notes.scaled_writes
+    assert _fused_on(rw, rw.plan.scales[0].variable.placeholder) == []
+
+
 # ----------------------------------------------------------------------- tf_keras models
 
 tf_keras = pytest.importorskip("tf_keras")

@@ -18,9 +18,13 @@ cannot be guarded entry by entry from outside. For a partly frozen variable V (i
   update of V and of its slots to the trainable entries, exactly as for a Keras 3
   optimizer.
 
-Fused kernels with neither (Ftrl, proximal and DA variants on a non-row mask or under
-XLA) are refused by name before anything is edited. The pass runs first: it adds writes,
-so it solves the dependence analysis again (analysis/dependence.py) for the passes after.
+A variable a `gf.Scale` rule scales gets its fused kernels written out too, so that
+`scale_writes` scales the update they write (its slots keep the unscaled values, as with a
+Keras 3 optimizer). Fused kernels with neither form (Ftrl, proximal and DA variants on a
+non-row mask, under XLA, or scaled) are refused by name before anything is edited.
+
+The pass runs first: it adds writes, so it solves the dependence analysis again
+(analysis/dependence.py) for the passes after it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..ir import IR, Tensor
 from ..plan import Plan
 from ..program import Program
 from ..rules import VariableFreeze
+from ..variables import VariableInfo
 from .build import Builder
 from .masks import select_frozen, shared_const, slug
 from .result import PassResult
@@ -50,40 +55,51 @@ _ASSIGN = {"assign": "AssignVariableOp", "add": "AssignAddVariableOp",
 def lower_fused_apply(program: Program, plan: Plan) -> PassResult:
     start = program.edits
     jit = bool(plan.capture.jit_compile)
-    found: list[tuple[IR, str, VariableFreeze, bool]] = []
-    for vf in plan.freezes:
-        if not vf.partial:
-            continue
-        for ir, node, index in program.resource_uses(program.main, (vf.variable.placeholder, 0)):
+    targets: dict[str, tuple[VariableInfo, VariableFreeze | None, bool]] = {
+        vf.variable.placeholder: (vf.variable, vf, False) for vf in plan.freezes if vf.partial}
+    for vs in plan.scales:  # scale_writes scales Assign* writes, not fused kernels
+        vf = plan.freeze_of(vs.variable.placeholder)
+        if vf is None or not vf.full:
+            targets[vs.variable.placeholder] = (vs.variable, vf, True)
+    found: list[tuple[IR, str, VariableInfo, VariableFreeze | None, bool]] = []
+    for placeholder, (var, vf, scaled) in targets.items():
+        for ir, node, index in program.resource_uses(program.main, (placeholder, 0)):
             op = ir.op(node)
             if index != 0 or not op.startswith("ResourceApply"):
                 continue  # a fused kernel using V as another variable's state: guard_writes
-            sparse = vf.axis == 0 and op in opkinds.SPARSE_APPLY and not jit
+            sparse = not scaled and vf is not None and vf.axis == 0 and not jit \
+                and op in opkinds.SPARSE_APPLY
             if not sparse and op not in opkinds.LOWERED_APPLY:
-                raise UnsupportedGraphError(_refusal(op, node, vf, jit))
-            found.append((ir, node, vf, sparse))
-    for ir, node, vf, sparse in found:  # every kernel checked first: nothing half-applied
+                raise UnsupportedGraphError(_refusal(op, node, var, vf, scaled, jit))
+            found.append((ir, node, var, vf, sparse))
+    for ir, node, var, vf, sparse in found:  # every kernel checked first: nothing half-applied
         if sparse:
             _to_sparse(ir, plan, node, vf)
         else:
-            _lower(program, ir, plan, node, vf)
+            _lower(program, ir, plan, node, var, vf)
     if found and plan.dependence is not None:
         plan.dependence.solve_again()
     return PassResult(program, program.edits != start)
 
 
-def _refusal(op: str, node: str, vf: VariableFreeze, jit: bool) -> str:
+def _refusal(op: str, node: str, var: VariableInfo, vf: VariableFreeze | None, scaled: bool,
+             jit: bool) -> str:
+    lowered = ", ".join(sorted(k[len("ResourceApply"):] for k in opkinds.LOWERED_APPLY))
+    if scaled:
+        return (f"{op} node {node!r} writes {var.path!r}, which a gf.Scale rule scales; "
+                f"graphfreeze scales fused kernels it can write out elementwise ({lowered}), "
+                f"not {op}. Give the variable its own optimizer with a scaled learning rate, "
+                "or use a Keras 3 optimizer.")
     why = "XLA (jit_compile=True) has no ResourceSparseApply* kernels" if jit and \
         op in opkinds.SPARSE_APPLY else f"{op} has a sparse counterpart only for whole rows"
-    return (f"{op} node {node!r} writes {vf.variable.path!r}, which is partly frozen "
+    return (f"{op} node {node!r} writes {var.path!r}, which is partly frozen "
             f"({', '.join(vf.rules)}); {why}, and graphfreeze writes out elementwise only "
-            f"{', '.join(sorted(k[len('ResourceApply'):] for k in opkinds.LOWERED_APPLY))}. "
-            "Freeze whole rows (gf.Rows) outside XLA, freeze the whole variable, or use a "
-            "Keras 3 optimizer.")
+            f"{lowered}. Freeze whole rows (gf.Rows) outside XLA, freeze the whole variable, "
+            "or use a Keras 3 optimizer.")
 
 
-def _builder(ir: IR, node: str, vf: VariableFreeze) -> Builder:
-    return Builder(ir, PASS, node, f"graphfreeze/{PASS}/{slug(vf.variable.path)}")
+def _builder(ir: IR, node: str, var: VariableInfo) -> Builder:
+    return Builder(ir, PASS, node, f"graphfreeze/{PASS}/{slug(var.path)}")
 
 
 def _input_names(op: str) -> list[str]:
@@ -96,7 +112,7 @@ def _to_sparse(ir: IR, plan: Plan, node: str, vf: VariableFreeze) -> None:
     names = _input_names(op)
     at = names.index("grad" if "grad" in names else "delta")
     inputs = ir.inputs(node)
-    b = _builder(ir, node, vf)
+    b = _builder(ir, node, vf.variable)
     path = vf.variable.path
     rows = shared_const(b, ("trainable", path), f"graphfreeze/trainable/{slug(path)}",
                         vf.indices(frozen=False).astype(np.int32), tf.int32)
@@ -282,14 +298,15 @@ FORMULAS: dict[str, Formula] = {
 assert set(FORMULAS) == opkinds.LOWERED_APPLY
 
 
-def _lower(program: Program, ir: IR, plan: Plan, node: str, vf: VariableFreeze) -> None:
+def _lower(program: Program, ir: IR, plan: Plan, node: str, var: VariableInfo,
+           vf: VariableFreeze | None) -> None:
     op = ir.op(node)
     op_def = op_def_registry.get(op)
     inputs = dict(zip(_input_names(op), ir.inputs(node)))
     attrs = ir.nodedef(node).attr
     dtype = tf.as_dtype(attrs["T"].type)
-    shape = tuple(vf.variable.shape)
-    b = _builder(ir, node, vf)
+    shape = tuple(var.shape)
+    b = _builder(ir, node, var)
     m = _Math(b, dtype, shape)
     resources = {a.name for a in op_def.input_arg if a.type == types_pb2.DT_RESOURCE}
     values: dict[str, Tensor] = {}
@@ -302,7 +319,7 @@ def _lower(program: Program, ir: IR, plan: Plan, node: str, vf: VariableFreeze) 
     writes = []
     for name, kind, value in FORMULAS[op](m, values, attrs):
         owners = program.resource_owners(ir, inputs[name])
-        if name != "var" and not (owners and owners <= known.keys()):
+        if vf is not None and name != "var" and not (owners and owners <= known.keys()):
             # a slot no optimizer object names (raw ops on plain tf.Variables): slice_updates
             # cannot know it is V's, so its frozen entries are kept here (S4)
             value = select_frozen(b, vf, values[name] if kind == "assign" else 0.0, value)
