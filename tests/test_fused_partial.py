@@ -5,6 +5,8 @@ trainable ones equal the seed-002 mask under the same kernel (S2)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -235,18 +237,25 @@ def _slots(optimizer, variable):
     return [optimizer.get_slot(variable, n) for n in optimizer.get_slot_names()]
 
 
-def _pair(make_opt, frozen, jit=False, pause_slots=True):
+def _wrap(jit=False, strategy=None):
+    """How a step runs: a tf.function (jit-compiled), under `strategy` on every replica."""
+    def wrap(step):
+        if strategy is not None:
+            return tf.function(lambda x, y: strategy.reduce(
+                "SUM", strategy.run(step, args=(x, y)), axis=None), jit_compile=jit or None)
+        return tf.function(step, jit_compile=jit or None)
+    return wrap
+
+
+def _pair(make_opt, frozen, wrap, pause_slots=True, scope=contextlib.nullcontext):
     """The model and the seed-002 reference, both after three plain steps (state built up
     before freezing) and then given the model's weights and slots; the reference's slots
     then pause at frozen entries as zeros, under which its update there is exactly 0
     (with its own it would keep moving them)."""
-    model, reference = _model(), _model(masked=True)
-    reference.set_weights([*model.get_weights()[:2], *model.get_weights()[2:4], np.ones(H2),
-                           *model.get_weights()[4:]])
-    opt, ref_opt = make_opt(), make_opt()
-    compile_ = {"jit_compile": True} if jit else {}
-    plain, ref_step = tf.function(_step(model, opt), **compile_), \
-        tf.function(_step(reference, ref_opt), **compile_)
+    with scope():
+        model, reference = _model(), _model(masked=True)
+        opt, ref_opt = make_opt(), make_opt()
+    plain, ref_step = wrap(_step(model, opt)), wrap(_step(reference, ref_opt))
     for x, y in DATA[:3]:
         plain(x, y)
         ref_step(x, y)
@@ -275,19 +284,25 @@ def _check(model, reference, opt, ref_opt, frozen, before):
     np.testing.assert_allclose(h2.bias.numpy(), ref_h2.bias.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def _run(make_opt, kind, jit=False, pause_slots=True):
+def _run(make_opt, kind, jit=False, pause_slots=True, strategy=None):
     """Freeze h2/kernel by `kind` after three plain steps, train both sides three more,
-    check against the reference; the rewritten step."""
+    check against the reference (under `strategy`: every replica); the rewritten step."""
     rules, frozen = _h2_rules(kind)
-    model, reference, opt, ref_opt, ref_step = _pair(make_opt, frozen, jit, pause_slots)
+    wrap = _wrap(jit, strategy)
+    scope = contextlib.nullcontext if strategy is None else strategy.scope
+    model, reference, opt, ref_opt, ref_step = _pair(make_opt, frozen, wrap, pause_slots, scope)
     kernel = model.get_layer("h2").kernel
-    before = [v.numpy().copy() for v in [kernel, *_slots(opt, kernel)]]
+    state = [kernel, *_slots(opt, kernel)]
+    before = [v.numpy().copy() for v in state]
     step = _step(model, opt)
-    rw = gf.rewrite(tf.function(step, jit_compile=True) if jit else step, rules, *DATA[0])
+    rw = gf.rewrite(wrap(step) if jit or strategy else step, rules, *DATA[0])
     for x, y in DATA[3:]:
         rw(x, y)
         ref_step(x, y)
     _check(model, reference, opt, ref_opt, frozen, before)
+    for v, was in zip(state, before):  # S1, S4 on every replica
+        for component in getattr(v, "values", [v]):
+            assert np.array_equal(component.numpy()[frozen], was[frozen]), component.device
     return rw
 
 
@@ -335,7 +350,7 @@ def test_tf_compat_v1_optimizers(opt_name):
 def test_tf_keras_fit_with_a_legacy_optimizer(kind):
     """gf.keras.freeze in tf_keras's own fit, momentum built up before freezing."""
     rules, frozen = _h2_rules(kind)
-    model, reference, opt, ref_opt, _ = _pair(LEGACY["sgd_momentum"], frozen)
+    model, reference, opt, ref_opt, _ = _pair(LEGACY["sgd_momentum"], frozen, _wrap())
     kernel = model.get_layer("h2").kernel
     before = [v.numpy().copy() for v in [kernel, *_slots(opt, kernel)]]
     model.compile(optimizer=opt, loss="mse")
@@ -362,3 +377,12 @@ def test_fused_kernel_in_cond_branches(kind):
         assert "ResourceSparseApplyKerasMomentum" in bodies
     else:
         assert rw.plan.notes.unsliced and "ResourceApplyKerasMomentum" in bodies  # other layers
+
+
+@pytest.mark.parametrize("opt_name, kind", [("sgd_momentum", "rows"), ("adam", "columns")])
+def test_under_mirrored_strategy(opt_name, kind):
+    from conftest import mirrored
+
+    rw = _run(LEGACY[opt_name], kind, strategy=mirrored())
+    sparse = [op for _, op in rw.graph.nodes(data="op") if op.startswith("ResourceSparseApply")]
+    assert len(sparse) == (2 if kind == "rows" else 0)  # one per replica
