@@ -6,9 +6,11 @@ cannot be guarded entry by entry from outside. For a partly frozen variable V (i
 
 * frozen rows (`gf.Rows`, or any mask that varies along axis 0 only), outside XLA: the
   kernel becomes its `ResourceSparseApply*` counterpart (opkinds.SPARSE_APPLY) with
-  `indices` the trainable rows and the gradient gathered to them. The kernel then never
-  touches a frozen row of V or of a slot (S1, S4), and does the work of the trainable
-  rows only (S3). The attrs (`use_nesterov`, `update_slots`, `multiply_linear_by_lr`)
+  `indices` the trainable rows and the gradient cut to them: when it comes straight from
+  a weight-gradient product (through Identity ops and the gradient marker only), the
+  product is computed for those rows (slice_products.py), else it is gathered. The kernel
+  then never touches a frozen row of V or of a slot (S1, S4), and does the work of the
+  trainable rows only (S3). The attrs (`use_nesterov`, `update_slots`, `multiply_linear_by_lr`)
   carry over: the sparse kernels have the same ones.
 * otherwise (columns, entries; under `jit_compile`, where XLA has no sparse kernels; Adam,
   AdaMax, AddSign, PowerSign and plain gradient descent, which have no sparse form) the
@@ -46,6 +48,7 @@ from ..variables import VariableInfo
 from .build import Builder
 from .masks import select_frozen, shared_const, slug
 from .result import PassResult
+from .slice_products import slice_product
 
 PASS = "lower_fused_apply"
 _ASSIGN = {"assign": "AssignVariableOp", "add": "AssignAddVariableOp",
@@ -116,7 +119,9 @@ def _to_sparse(ir: IR, plan: Plan, node: str, vf: VariableFreeze) -> None:
     path = vf.variable.path
     rows = shared_const(b, ("trainable", path), f"graphfreeze/trainable/{slug(path)}",
                         vf.indices(frozen=False).astype(np.int32), tf.int32)
-    grad = b.gather_rows(inputs[at], rows, "grad_rows")
+    sliced = (len(vf.indices(frozen=False)), *vf.variable.shape[1:])
+    grad = slice_product(b, _source(ir, inputs[at]), 0, rows, sliced) \
+        or b.gather_rows(inputs[at], rows, "grad_rows")
     new_inputs = [*inputs[:at], grad, rows, *inputs[at + 1:]]
     with ir.edit(node) as nd:
         nd.op = sparse
@@ -127,6 +132,15 @@ def _to_sparse(ir: IR, plan: Plan, node: str, vf: VariableFreeze) -> None:
         ir.graph.add_edge(src, node, k, src_output=out, dst_input=k, control=False)
     plan.notes.inserted.extend(b.created)
     plan.notes.sliced_writes.append(node)
+
+
+def _source(ir: IR, tensor: Tensor) -> Tensor:
+    """What `tensor` forwards unchanged: through Identity (the gradient marker among them)
+    and IdentityN (output k is input k)."""
+    while ir.op(tensor[0]) in ("Identity", "IdentityN"):
+        inputs = ir.inputs(tensor[0])
+        tensor = inputs[tensor[1] if ir.op(tensor[0]) == "IdentityN" else 0]
+    return tensor
 
 
 class _Math:
