@@ -119,10 +119,23 @@ def _fused_on(rw, placeholder):
 def test_raw_kernel_on_trainable_entries_equals_seed002(key, kind):
     if kind != "rows" and key.split("_")[0] in SPARSE_ONLY:
         pytest.skip("no elementwise form: refused (test_refused_by_name)")
+    _raw_case(key, kind)
+
+
+@pytest.mark.parametrize("key", sorted(k for k in KERNELS if k.split("_")[0] not in SPARSE_ONLY))
+def test_written_out_kernels_compile_with_xla(key):
+    """Under jit_compile every kernel is written out (XLA has no sparse kernels), and what
+    is inserted compiles."""
+    _raw_case(key, "rows", jit=True)
+
+
+def _raw_case(key, kind, jit=False):
     kernel, reference = _Kernel(key), _Kernel(key, "ref_")
     rules, frozen = _rules(kind)
     before = kernel.state()
-    rw = gf.rewrite(kernel.step(), rules, X)
+    step = tf.function(kernel.step(), jit_compile=True) if jit else kernel.step()
+    rw = gf.rewrite(step, rules, X)
+    # the reference runs TF's own kernel (AdamWithAmsgrad has none under XLA)
     ref_step = tf.function(reference.step(tf.constant((~frozen).astype("float32"))))
     for _ in range(3):
         rw(X)
@@ -133,12 +146,13 @@ def test_raw_kernel_on_trainable_entries_equals_seed002(key, kind):
     assert not np.array_equal(kernel.state()[0][~frozen], before[0][~frozen])
     placeholder = rw.plan.freezes[0].variable.placeholder
     base = key.split("_")[0]
-    if kind == "rows" and base in WITH_SPARSE:
+    if kind == "rows" and base in WITH_SPARSE and not jit:
         assert _fused_on(rw, placeholder) == ["ResourceSparseApply" + base]
     else:  # written out, then sliced (rows, columns) or guarded (a dense mask)
         assert _fused_on(rw, placeholder) == []
     if kind != "mask":
         assert rw.plan.notes.sliced_writes and not rw.plan.notes.unsliced
+    assert rw.function._jit_compile is (True if jit else None)
 
 
 @pytest.mark.parametrize("key, kind, jit, match", [
