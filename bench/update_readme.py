@@ -203,10 +203,19 @@ def depthwise_grow(d: dict) -> str:
             + _rows(d["seconds_per_step"], d["ratio_vs_train_everything"], "train everything"))
 
 
+def fused(d: dict) -> str:
+    c = d["config"]
+    return (f"A {c['width']} × {c['width']} kernel between two trainable layers, "
+            f"{c['trainable_rows']} trainable rows, batch {c['batch']}, tf_keras legacy "
+            f"optimizers {_median(c)}; each ratio against training everything under the same "
+            "optimizer:\n\n"
+            + _rows(d["seconds_per_step"], d["ratio_vs_train_everything"], "train everything"))
+
+
 SECTIONS = {"core": core, "fit": fit, "partial": partial, "corpus": corpus, "transfer": transfer,
             "distribute": distribute, "cache": cache, "scale": scale, "memory": memory,
             "tokens": tokens, "flat_mask": flat_mask, "temporaries": temporaries,
-            "conv_grow": conv_grow, "depthwise_grow": depthwise_grow}
+            "conv_grow": conv_grow, "depthwise_grow": depthwise_grow, "fused": fused}
 
 
 def main() -> int:

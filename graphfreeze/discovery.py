@@ -174,6 +174,11 @@ def discover(objects: list[Any]) -> Discovered:
                 ids.add(id(resource_variable(v)))
                 pending.append(v)
             continue
+        legacy = _legacy_optimizer_variables(obj)
+        if legacy is not None:
+            found.optimizer_ids.update(id(resource_variable(v)) for v in legacy)
+            pending.extend(legacy)
+            continue
         variables = module_variables(obj)
         if variables is not None:
             pending.extend(variables)
@@ -184,6 +189,18 @@ def discover(objects: list[Any]) -> Discovered:
             if optimizer is not None:
                 pending.append(optimizer)
     return found
+
+
+def _legacy_optimizer_variables(obj: Any) -> list[Any] | None:
+    """The slots and counters of a tf_keras legacy (Keras 2 `OptimizerV2`) or TF1
+    (`tf.compat.v1.train`) optimizer, whose `variables` is a method; None for anything else."""
+    method = getattr(type(obj), "variables", None)
+    if not callable(method) or not hasattr(obj, "get_slot") or not hasattr(obj, "apply_gradients"):
+        return None
+    try:  # discovery is best effort
+        return [v for v in obj.variables() if resource_variable(v) is not None]
+    except Exception:
+        return None
 
 
 def live_keras_state(unexplained: set[int]) -> list[Any]:

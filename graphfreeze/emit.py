@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from .capture import Capture
 from .program import Program
+from .protos import drop_missing_colocations
 
 IMPORT_SCOPE = "rewritten"
 
@@ -94,10 +95,17 @@ def import_as_function(graph_def: Any, capture: Capture, inputs: list[str], outp
 
 
 def _without(graph_def: Any, names: set[str]) -> Any:
+    """`graph_def` without the fed placeholders `names`, and without the colocation hints
+    naming them (TF1 and tf_keras legacy optimizers colocate each fused update with its
+    variable's handle, which is fed through the input map, not imported)."""
     out = type(graph_def)()
     out.CopyFrom(graph_def)
     del out.node[:]
     out.node.extend(n for n in graph_def.node if n.name not in names)
+    kept = {n.name for n in out.node}
+    for n in out.node:
+        if "_class" in n.attr:
+            drop_missing_colocations(n, kept)
     return out
 
 

@@ -25,6 +25,18 @@ SCATTER_PREFIXES = ("ResourceScatter",)  # ResourceScatter{Add,Sub,Mul,Div,Min,M
 FUSED_APPLY_PREFIXES = ("ResourceApply", "ResourceSparseApply")
 OTHER_WRITES = frozenset({"ResourceStridedSliceAssign", "DestroyResourceOp"})
 
+# Fused optimizer kernels with a ResourceSparseApply* counterpart: the same inputs with
+# `indices` after the gradient (input `grad`, or `delta`), the same attrs plus `Tindices`.
+# passes/lower_fused_apply.py runs them on a rows-frozen variable's trainable rows.
+SPARSE_APPLY = {f"ResourceApply{k}": f"ResourceSparseApply{k}" for k in (
+    "Momentum", "KerasMomentum", "RMSProp", "CenteredRMSProp", "Adagrad", "AdagradV2",
+    "Adadelta", "Ftrl", "FtrlV2", "ProximalAdagrad", "ProximalGradientDescent", "AdagradDA")}
+# Fused optimizer kernels that passes/lower_fused_apply.py writes out as elementwise ops
+# and Assign* writes (the kernels' formulas in tensorflow/core/kernels/training_ops.cc).
+LOWERED_APPLY = frozenset(f"ResourceApply{k}" for k in (
+    "GradientDescent", "Momentum", "KerasMomentum", "Adam", "AdamWithAmsgrad", "AdaMax",
+    "RMSProp", "CenteredRMSProp", "Adagrad", "AdagradV2", "Adadelta", "AddSign", "PowerSign"))
+
 # Which attrs of a call op name the functions it calls, and where its inputs start in
 # their argument lists (If/Case take a predicate or branch index first).
 CALL_TARGETS = {

@@ -41,20 +41,23 @@ def test_fused_apply_ops_are_removed_for_whole_variables():
     assert not [n for n, op in rw.graph.nodes(data="op") if op == "ResourceApplyMomentum"]
 
 
-def test_partial_freeze_of_fused_write_is_refused_by_name():
+def test_partial_freeze_of_fused_write_without_a_partial_form_is_refused_by_name():
+    """A fused kernel with neither an elementwise form nor, for columns, a sparse one (the
+    others are run on the trainable entries: tests/test_fused_partial.py)."""
     w, b, accum = _variables()
 
     def step(x):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(x @ w)
         gw = tape.gradient(loss, w)
-        tf.raw_ops.ResourceApplyMomentum(var=w.handle, accum=accum.handle, lr=0.1, grad=gw,
-                                         momentum=0.9)
+        tf.raw_ops.ResourceApplyProximalAdagrad(var=w.handle, accum=accum.handle, lr=0.1,
+                                                l1=0.0, l2=0.0, grad=gw)
         return loss
 
     before = w.numpy().copy()
-    with pytest.raises(gf.UnsupportedGraphError, match="ResourceApplyMomentum.*'w'.*partly frozen"):
-        gf.rewrite(step, [gf.Rows("w", [0])], X)
+    with pytest.raises(gf.UnsupportedGraphError,
+                       match="ResourceApplyProximalAdagrad.*'w'.*partly frozen"):
+        gf.rewrite(step, [gf.Columns("w", [0])], X)
     assert np.array_equal(w.numpy(), before)
 
 

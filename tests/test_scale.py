@@ -355,16 +355,21 @@ def test_frozen_inf_entry_of_a_scaled_variable_stays_bitwise():
     assert np.isfinite(after[:19]).all() and not np.array_equal(after[:19], before[:19])
 
 
-def test_fused_apply_kernel_is_refused_by_name():
+def test_fused_apply_kernel_without_an_elementwise_form_is_refused_by_name():
+    """Fused kernels graphfreeze writes out elementwise are scaled (tests/test_fused_partial.py);
+    Ftrl is not written out."""
     v = tf.Variable(np.ones(3, np.float32), name="w")
+    accum, linear = tf.Variable(np.ones(3, np.float32)), tf.Variable(np.zeros(3, np.float32))
 
     def step(x):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(v * x)
-        tf.raw_ops.ResourceApplyGradientDescent(var=v.handle, alpha=0.1, delta=tape.gradient(loss, v))
+        tf.raw_ops.ResourceApplyFtrl(var=v.handle, accum=accum.handle, linear=linear.handle,
+                                     grad=tape.gradient(loss, v), lr=0.1, l1=0.0, l2=0.0,
+                                     lr_power=-0.5)
         return loss
 
-    with pytest.raises(gf.UnsupportedGraphError, match="ResourceApplyGradientDescent.*Scale"):
+    with pytest.raises(gf.UnsupportedGraphError, match="ResourceApplyFtrl.*'w'.*gf.Scale"):
         gf.rewrite(step, [gf.Scale("w", 0.5)], tf.ones(3))
 
 

@@ -25,7 +25,8 @@ Call ops connect to their bodies: call input k feeds argument k - offset, body o
 feeds call output k, and a While body's outputs feed its own arguments. The bits are solved
 to a fixpoint over the program, so one analysis of the traced program serves the whole
 pipeline (passes only delete writes and change what flows into markers, which leaves every
-surviving tensor's bits unchanged).
+surviving tensor's bits unchanged; the one pass that adds writes, lower_fused_apply, runs
+first and solves it again).
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class Dependence:
         self.reads = reads              # marked variable placeholder -> O_i
         self.n = n_vars
         self.g_mask = (1 << n_vars) - 1
+        self.solve_again()
+
+    def solve_again(self) -> None:
+        """Solve over the program as it is now: for a pass that adds writes
+        (passes/lower_fused_apply.py writes fused kernels out before any other pass runs)."""
+        program = self.program
         self.graphs = program.graphs()
         self.orders = {id(g): g.topological_order() for g in self.graphs}
         self.inputs = {(id(g), n): g.inputs(n) for g in self.graphs for n in self.orders[id(g)]}

@@ -19,6 +19,7 @@ from .batchnorm_inference import batchnorm_inference
 from .dead_code import eliminate_dead_code
 from .fold_zeros import fold_frozen_zeros
 from .guard_writes import guard_writes
+from .lower_fused_apply import lower_fused_apply
 from .mask_gradients import mask_gradients
 from .prune_optimizer_state import prune_optimizer_state
 from .result import PassResult
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 #: A training step: gradients masked at their source, writes guarded, frozen work removed.
 TRAINING_PIPELINE: Sequence[Pass] = (
+    lower_fused_apply,        # partly frozen: fused kernels sparse or elementwise; adds writes
     batchnorm_inference,      # only with batchnorm_inference=True; needs the stat updates
     mask_gradients,
     scale_writes,             # gf.Scale factors; before the guards select frozen entries

@@ -19,6 +19,9 @@ INSERTED_OPS = frozenset({
     "ReadVariableOp", "ResourceGather", "ResourceGatherNd", "Shape", "ConcatV2", "Cast",
     # unpacking a bit-packed mask (passes/masks.py)
     "ExpandDims", "BitwiseAnd", "NotEqual", "Reshape",
+    # a fused optimizer kernel written out elementwise (passes/lower_fused_apply.py)
+    "Sub", "RealDiv", "Sqrt", "Rsqrt", "Square", "Maximum", "Abs", "Sign", "Exp",
+    "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
 })
 
 
@@ -71,6 +74,11 @@ class Builder:
         for t in inputs[1:]:
             shape = _broadcast(shape, self.ir.shape(t))
         return self._add(suffix, op, inputs, dtype, shape, {"T": dtype})
+
+    def elementwise(self, op: str, inputs: list[Tensor], suffix: str) -> Tensor:
+        """An op of `INSERTED_OPS` with one output of its last input's dtype and the
+        inputs' broadcast shape (Sub, RealDiv, Sqrt, Maximum, ...)."""
+        return self._elementwise(op, inputs, suffix)
 
     def mul(self, a: Tensor, b: Tensor, suffix: str = "mul") -> Tensor:
         return self._elementwise("Mul", [a, b], suffix)

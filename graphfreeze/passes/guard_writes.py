@@ -14,8 +14,11 @@ freezing, EMA overwrite) can move them:
 Every guard selects with the variable's shared bool mask (passes/masks.py), so an inf or
 NaN written at a frozen entry is dropped, never multiplied into NaN.
 
-Fused ResourceApply* kernels and strided-slice assignment cannot be guarded entry by
-entry from outside; partly freezing a variable they write is refused by name.
+Fused ResourceApply* kernels that write a partly frozen variable were already run on its
+trainable entries (passes/lower_fused_apply.py: a ResourceSparseApply* at the trainable
+rows, left as it is here, or Assign* writes guarded as above). Strided-slice assignment
+cannot be guarded entry by entry from outside; partly freezing a variable it writes is
+refused by name.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ PASS = "guard_writes"
 def guard_writes(program: Program, plan: Plan) -> PassResult:
     start = program.edits
     doomed: list[tuple[IR, str]] = []
+    sliced = set(plan.notes.sliced_writes)  # written at trainable entries only already
     for vf in plan.freezes:
         for ir, node, index in program.resource_uses(program.main, (vf.variable.placeholder, 0)):
-            if check_known_use(ir, node, vf.variable.path) == "read":
+            if check_known_use(ir, node, vf.variable.path) == "read" or node in sliced:
                 continue
             op = ir.op(node)
             if op.startswith(opkinds.FUSED_APPLY_PREFIXES) and index != 0:
@@ -67,9 +71,9 @@ def _guard_partial(ir: IR, plan: Plan, node: str, index: int, vf: VariableFreeze
     elif op in ("AssignAddVariableOp", "AssignSubVariableOp"):
         ir.set_input(node, 1, select_frozen(b, vf, 0, inputs[1]))
     elif op.startswith("ResourceScatterNd"):
-        _guard_scatter(ir, b, node, inputs, vf, nd=True)
+        guard_scatter(ir, b, node, inputs, vf, nd=True)
     elif op.startswith("ResourceScatter"):
-        _guard_scatter(ir, b, node, inputs, vf, nd=False)
+        guard_scatter(ir, b, node, inputs, vf, nd=False)
     else:
         raise UnsupportedGraphError(
             f"{op} node {node!r} writes {var.path!r}, which is partly frozen; graphfreeze "
@@ -78,7 +82,11 @@ def _guard_partial(ir: IR, plan: Plan, node: str, index: int, vf: VariableFreeze
     plan.notes.inserted.extend(b.created)
 
 
-def _guard_scatter(ir: IR, b: Builder, node: str, inputs, vf: VariableFreeze, *, nd: bool) -> None:
+def guard_scatter(ir: IR, b: Builder, node: str, inputs, vf: VariableFreeze, *, nd: bool) -> None:
+    """Make the scatter `node` (inputs `inputs`: resource, indices, updates) leave `vf`'s
+    frozen entries as they are: its updates there become the kind's identity (0 for
+    Add/Sub, 1 for Mul/Div) or the entries' current values (Update/Min/Max). `nd`: the
+    ResourceScatterNd* form, at index tuples."""
     op = ir.op(node)
     kind = op[len("ResourceScatterNd" if nd else "ResourceScatter"):]
     resource, indices, updates = inputs[0], inputs[1], inputs[2]

@@ -41,7 +41,7 @@ from ..plan import Plan
 from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
-from .guard_writes import _guard_scatter
+from .guard_writes import guard_scatter
 from .masks import compact_entries, frozen_mask, shared_const, slug
 from .result import PassResult
 from .slice_products import clone, gather_axis, slice_product
@@ -156,7 +156,7 @@ class _Slicer:
             if node not in ir:
                 continue
             written = dep.write_targets(ir, node) & self.targets
-            if not written:
+            if not written or node in self.plan.notes.sliced_writes:  # a sparse fused kernel
                 continue
             if not dense and ir is self.ir and ir.op(node) in _SCATTER and self._slice_write(node):
                 self.plan.notes.inserted.append(node)
@@ -210,7 +210,7 @@ class _Slicer:
             zero = b.const("zero", np.zeros((), dtype.as_numpy_dtype), dtype)
             ir.set_input(node, 1, b.select(frozen_mask(b, self.vf), zero, inputs[1]))
         elif op.startswith("ResourceScatter"):
-            _guard_scatter(ir, b, node, inputs, self.vf, nd=op.startswith("ResourceScatterNd"))
+            guard_scatter(ir, b, node, inputs, self.vf, nd=op.startswith("ResourceScatterNd"))
         else:
             return  # a fused kernel: refused or guarded where V itself is written
         self.plan.notes.guarded_writes.append(node)
