@@ -77,6 +77,7 @@ def lower_fused_apply(program: Program, plan: Plan) -> PassResult:
             found.append((ir, node, var, vf, sparse))
     for ir, node, var, vf, sparse in found:  # every kernel checked first: nothing half-applied
         if sparse:
+            assert vf is not None  # sparse only for a partly frozen variable
             _to_sparse(ir, plan, node, vf)
         else:
             _lower(program, ir, plan, node, var, vf)
@@ -93,6 +94,7 @@ def _refusal(op: str, node: str, var: VariableInfo, vf: VariableFreeze | None, s
                 f"graphfreeze scales fused kernels it can write out elementwise ({lowered}), "
                 f"not {op}. Give the variable its own optimizer with a scaled learning rate, "
                 "or use a Keras 3 optimizer.")
+    assert vf is not None  # only a scaled variable comes without a freeze
     why = "XLA (jit_compile=True) has no ResourceSparseApply* kernels" if jit and \
         op in opkinds.SPARSE_APPLY else f"{op} has a sparse counterpart only for whole rows"
     return (f"{op} node {node!r} writes {var.path!r}, which is partly frozen "

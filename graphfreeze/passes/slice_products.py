@@ -239,9 +239,9 @@ def _slice_sum(b: Builder, node: str, axis: int, indices: Tensor,
     if shape is None or out is None:
         return None
     keep = ir.nodedef(node).attr["keep_dims"].b
-    reduced = ir.const_value(reduction)
-    if reduced is not None:
-        reduced = {int(r) % len(shape) for r in np.ravel(reduced)}
+    axes = ir.const_value(reduction)
+    if axes is not None:
+        reduced = {int(r) % len(shape) for r in np.ravel(axes)}
         kept = [a for a in range(len(shape)) if keep or a not in reduced]
         if axis >= len(kept) or kept[axis] in reduced:
             return None
