@@ -136,3 +136,77 @@ def clone(b: Builder, node: str, inputs: list[Tensor], shape: tuple[int, ...]) -
     ir.graph.nodes[new]["cloned"] = node
     b.created.append(new)
     return (new, 0)
+
+
+def slice_product_block(b: Builder, tensor: Tensor, cuts: list[tuple[int, Tensor]],
+                        sliced: tuple[int, ...]) -> Tensor | None:
+    """The block of the product `tensor` at lines `indices` along each `(axis, indices)` of
+    `cuts` (one or two axes: rows x columns of a grown kernel), computed from operands
+    gathered on every cut axis; None when `tensor` is not such a product."""
+    ir = b.ir
+    node, k = tensor
+    op = ir.op(node)
+    if op not in PRODUCTS or k != 0 or len(ir.graph.nodes[node]["dtypes"]) != 1:
+        return None
+    if op == "Conv2DBackpropFilter":  # input channels too, which slice_product leaves alone
+        return _block_filter_gradient(b, node, cuts, sliced)
+    if len(cuts) == 1:
+        return slice_product(b, tensor, cuts[0][0], cuts[0][1], sliced)
+    if op == "Einsum":
+        return _block_einsum(b, node, cuts, sliced)
+    shape = ir.shape(tensor)
+    if op != "MatMul" or shape is None or len(shape) != 2:
+        return None
+    attrs = ir.nodedef(node).attr
+    a, c = ir.inputs(node)[:2]
+    (_, rows), (_, columns) = cuts
+    a = gather_axis(b, a, rows, 1 if attrs["transpose_a"].b else 0, "product_rows")
+    c = gather_axis(b, c, columns, 0 if attrs["transpose_b"].b else 1, "product_columns")
+    return clone(b, node, [a, c], sliced)
+
+
+def _block_einsum(b: Builder, node: str, cuts: list[tuple[int, Tensor]],
+                  sliced: tuple[int, ...]) -> Tensor | None:
+    """Einsum: each cut output subscript is cut in every operand that has it."""
+    ir = b.ir
+    equation = ir.nodedef(node).attr["equation"].s.decode()
+    if "..." in equation or "->" not in equation:
+        return None
+    ins, out = equation.replace(" ", "").split("->")
+    operands = ins.split(",")
+    inputs = list(ir.inputs(node))
+    if len(operands) != len(inputs) or any(axis >= len(out) for axis, _ in cuts):
+        return None
+    for axis, indices in cuts:
+        letter = out[axis]
+        for i, subscripts in enumerate(operands):
+            if subscripts.count(letter) > 1:
+                return None  # a diagonal: not a plain line of the operand
+            if letter in subscripts:
+                inputs[i] = gather_axis(b, inputs[i], indices, subscripts.index(letter),
+                                        f"operand{i}_{letter}")
+    return clone(b, node, inputs, sliced)
+
+
+def _block_filter_gradient(b: Builder, node: str, cuts: list[tuple[int, Tensor]],
+                           sliced: tuple[int, ...]) -> Tensor | None:
+    """Conv2DBackpropFilter [h, w, in, out] cut along input channels (the image's channels)
+    and/or output channels (the output gradient's); not for grouped convolutions, whose
+    filter input channels are not the image's."""
+    ir = b.ir
+    nhwc = (ir.nodedef(node).attr["data_format"].s.decode() or "NHWC") == "NHWC"
+    full = ir.shape((node, 0))
+    image, _, grad = ir.inputs(node)[:3]
+    image_shape = ir.shape(image)
+    if full is None or len(sliced) != 4 or any(axis not in (2, 3) for axis, _ in cuts):
+        return None
+    channel = 3 if nhwc else 1
+    for axis, indices in cuts:
+        if axis == 2:
+            if image_shape is None or len(image_shape) != 4 or image_shape[channel] != full[2]:
+                return None
+            image = gather_axis(b, image, indices, channel, "input_channels")
+        else:
+            grad = gather_axis(b, grad, indices, channel, "output_channels")
+    sizes = b.const("filter_sizes", np.asarray(sliced, np.int32), tf.int32)
+    return clone(b, node, [image, sizes, grad], sliced)

@@ -1,0 +1,199 @@
+"""Slice an update whose trainable entries are a few rectangles, block by block (issue 14).
+
+A layer grown by new units (seed 000) keeps its old-to-old block frozen: in a [1088, 1088]
+kernel the trainable entries are the new rows (all columns) and the new columns of the old
+rows, an L. Its mask varies along two axes, so neither one axis nor (at 11% trainable) the
+flat vector of entries fits; `blocks_of` cuts it into disjoint rectangles instead: the lines
+of one varying axis grouped by their trainable pattern along the other, each distinct
+non-empty pattern one block (its lines x the pattern's lines), grouping along whichever
+axis gives fewer blocks. For the L: [64, 1088] (new rows, a plain rows slice) and
+[1024, 64] (old rows x new columns).
+
+`Blocks` slices each write to V and its slots once per block (`BlockSlicer`, one
+`slice_updates._Slicer` per rectangle, with its own index constants and memo): the value is
+cloned backwards on the block, reads become gathers of it, the weight-gradient product is
+computed from operands gathered along both axes (`slice_product_block`), and the write
+becomes a scatter at the block: ResourceScatter* for a rows slice, ResourceScatterNd* at
+the block's index tuples otherwise. The first block's scatter replaces the write in place;
+every other block's is a new node with the write's control inputs, placed just before it
+in program order, that the write waits for, so whatever waited for the write waits for
+every block (blocks are disjoint: their mutual order does not matter). Frozen entries of V
+and of every slot are never read-modify-written (S1, S4).
+
+More than MAX_BLOCKS blocks (a random mask): the single-axis/flat/dense choice of
+slice_updates applies. Blocks are preferred over flat below FLAT_AT because the flat
+vector gathers its entries from the full-size weight-gradient product, a block does not.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from ..ir import Tensor
+from ..plan import Plan
+from ..program import Program
+from ..rules import VariableFreeze
+from .build import Builder
+from .masks import shared_const, slug
+from .slice_products import gather_axis, slice_product_block
+from .slice_updates import PASS, _Slicer
+
+#: At most this many rectangles are sliced block by block (each adds a scatter per write
+#: and a product per weight gradient); above, slice_updates' dense or flat choice applies.
+MAX_BLOCKS = int(os.environ.get("GRAPHFREEZE_MAX_BLOCKS", "4"))
+
+Block = tuple[tuple[int, np.ndarray], ...]  # (axis, trainable lines) for each cut axis
+
+
+def blocks_of(vf: VariableFreeze) -> list[Block]:
+    """The trainable entries of a mask that varies along two axes as disjoint rectangles
+    (see the module docstring); [] for any other mask."""
+    axes = vf.varying_axes
+    if len(axes) != 2:
+        return []
+    a0, a1 = axes
+    trainable = ~vf.compact.reshape(vf.compact.shape[a0], vf.compact.shape[a1])
+    return min(_group(trainable, a0, a1), _group(trainable.T, a1, a0), key=len)
+
+
+def _group(grid: np.ndarray, row_axis: int, column_axis: int) -> list[Block]:
+    packed = np.ascontiguousarray(np.packbits(grid, axis=1))
+    keys = packed.view(np.dtype((np.void, packed.shape[1]))).reshape(-1)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    blocks = []
+    for group in np.argsort(first):  # in the order of their first line
+        columns = np.flatnonzero(grid[first[group]])
+        if not len(columns):
+            continue
+        rows = np.flatnonzero(inverse == group)
+        cuts = [(row_axis, rows)] if len(rows) < grid.shape[0] else []
+        if len(columns) < grid.shape[1]:
+            cuts.append((column_axis, columns))
+        blocks.append(tuple(sorted(cuts, key=lambda cut: cut[0])))
+    return blocks
+
+
+class BlockSlicer(_Slicer):
+    """One rectangle of the trainable entries, cut along one or two axes."""
+
+    def __init__(self, program: Program, plan: Plan, vf: VariableFreeze, slots: set[str],
+                 block: Block, number: int):
+        self.program, self.plan, self.vf, self.slots = program, plan, vf, slots
+        self.ir = program.main
+        self.targets = slots | {vf.variable.placeholder}
+        self.shape = shape = tuple(vf.variable.shape)
+        self.cuts, self.number = block, number
+        self.axis, self.dense = None, False  # every method that reads axis is overridden
+        self.rows = len(block) == 1 and block[0][0] == 0
+        sliced = list(shape)
+        for axis, lines in block:
+            sliced[axis] = len(lines)
+        self.sliced = tuple(sliced)
+        self.index = block[0][1]
+        self.memo: dict[Tensor, Tensor | None] = {}
+        self.mask_const = self.ir.const_cache.get(("frozen", vf.variable.path))
+
+    def _builder(self, anchor: str) -> Builder:
+        return Builder(self.ir, PASS, anchor,
+                       f"graphfreeze/{PASS}/{slug(self.vf.variable.path)}/block{self.number}")
+
+    def _line(self, b: Builder, axis: int) -> Tensor:
+        path = self.vf.variable.path
+        return shared_const(b, ("trainable_block", path, str(self.number), str(axis)),
+                            f"graphfreeze/trainable/{slug(path)}_block{self.number}_axis{axis}",
+                            dict(self.cuts)[axis].astype(np.int32), tf.int32)
+
+    def _indices(self, b: Builder) -> Tensor:
+        return self._line(b, 0)  # only a rows block scatters or gathers by line
+
+    def _tuples(self, b: Builder) -> Tensor:
+        """ScatterNd index tuples: the grid of the leading axes and the block's lines."""
+        path, cuts = self.vf.variable.path, dict(self.cuts)
+        lines = [cuts.get(a, np.arange(n)) for a, n in enumerate(self.shape[:max(cuts) + 1])]
+        tuples = np.stack(np.meshgrid(*lines, indexing="ij"), -1).astype(np.int32)
+        return shared_const(b, ("trainable_block_tuples", path, str(self.number)),
+                            f"graphfreeze/trainable/{slug(path)}_block{self.number}_tuples",
+                            tuples, tf.int32)
+
+    def _order(self) -> list[int]:
+        """Cut axes, the one keeping the smallest share first: the gathers stay small."""
+        return [a for a, lines in sorted(self.cuts, key=lambda c: len(c[1]) / self.shape[c[0]])]
+
+    def _small(self, b: Builder, tensor: Tensor) -> Tensor | None:
+        shape = self.ir.shape(tensor)
+        rank = len(self.shape)
+        if shape is None or None in shape or len(shape) > rank:
+            return None
+        offset = rank - len(shape)
+        padded = (1,) * offset + tuple(shape)
+        if any(d not in (1, n) for d, n in zip(padded, self.shape)):
+            return None
+        if tensor not in self.memo:
+            out = tensor
+            for axis in self._order():
+                if padded[axis] != 1:
+                    out = gather_axis(b, out, self._line(b, axis), axis - offset, "small")
+            self.memo[tensor] = out
+        return self.memo[tensor]
+
+    def _gather(self, b: Builder, tensor: Tensor) -> Tensor:
+        out = tensor
+        for axis in self._order():
+            out = gather_axis(b, out, self._line(b, axis), axis, f"slice_axis{axis}")
+        self.ir.set_shape(out, self.sliced)
+        return out
+
+    def _product(self, b: Builder, tensor: Tensor) -> Tensor | None:
+        cuts = [(axis, self._line(b, axis)) for axis, _ in self.cuts]
+        return slice_product_block(b, tensor, cuts, self.sliced)
+
+
+class Blocks(_Slicer):
+    """Slices every write to a variable and its slots block by block."""
+
+    def __init__(self, program: Program, plan: Plan, vf: VariableFreeze, slots: set[str],
+                 blocks: list[Block]):
+        self.program, self.plan, self.vf, self.slots = program, plan, vf, slots
+        self.ir = program.main
+        self.targets = slots | {vf.variable.placeholder}
+        self.shape = tuple(vf.variable.shape)
+        self.axis, self.dense = None, False
+        self.parts = [BlockSlicer(program, plan, vf, slots, block, i)
+                      for i, block in enumerate(blocks)]
+
+    def describe(self) -> str:
+        shapes = " + ".join(str(list(p.sliced)) for p in self.parts)
+        return f"blocks: {len(self.parts)} ({shapes} of {list(self.shape)})"
+
+    def _slice_write(self, node: str) -> bool:
+        ir = self.ir
+        resource, value = ir.inputs(node)[:2]
+        if ir.shape(value) != self.shape:
+            return False
+        values = []
+        for part in self.parts:  # all or nothing: a block that cannot be sliced leaves dead clones
+            b = part._builder(node)
+            new = part._slice(b, value)
+            if new is None:
+                return False
+            values.append((part, b, new))
+        position = ir.graph.nodes[node]["order"][0]
+        for part, b, new in values[1:]:
+            indices = part._indices(b) if part.rows else part._tuples(b)
+            nd = part._scatter_def(f"{node}/block{part.number}", node, ir.dtype(value))
+            name = ir.add_node(nd.name, nd.op, [resource, indices, new], device=nd.device,
+                               after=(position - 1, 0), inserted_by=PASS,
+                               control_inputs=ir.control_inputs(node))
+            nd.name = name
+            ir.set_nodedef(name, nd)
+            ir.graph.nodes[name]["cloned"] = node
+            ir.add_control_edge(name, node)
+            self.plan.notes.inserted.extend([*b.created, name])
+            self.plan.notes.sliced_writes.append(name)
+        first, b, _ = values[0]
+        self.plan.notes.inserted.extend(b.created)
+        return first._slice_write(node)  # the memo holds its value: the write in place
