@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from conftest import batches, make_step, mirrored, mlp
 from references import keep_of, masked_mlp
+from test_sliced import OPTIMIZERS, _components
 
 import graphfreeze as gf
 
@@ -22,14 +23,6 @@ OLD_ROWS, OLD_COLUMNS = 8, 7
 DATA = batches(8, (16, 6), (16, 3))
 FROZEN = np.zeros((12, 10), bool)
 FROZEN[:OLD_ROWS, :OLD_COLUMNS] = True
-
-OPTIMIZERS = {
-    "adam": lambda: keras.optimizers.Adam(1e-2),
-    "adamw": lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.1),
-    "sgd_momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
-    "rmsprop_momentum": lambda: keras.optimizers.RMSprop(1e-2, momentum=0.9),
-}
-
 
 def _rules(style):
     if style == "mask":
@@ -189,11 +182,6 @@ def _distributed(strategy):
         "SUM", strategy.run(step, args=(x, y)), axis=None))
 
 
-def _components(variable):
-    value = getattr(variable, "_value", variable)
-    return list(value.values) if isinstance(value, tf.distribute.DistributedValues) else [value]
-
-
 def _check_against_seed002(model, optimizer, reference, rw, ref_step, atol=1e-5):
     slots = _slots(optimizer, "hidden2_kernel")
     kernel = model.get_layer("hidden2").kernel
@@ -266,15 +254,66 @@ def test_blocks_of_partitions_the_trainable_entries():
     conv = np.zeros((3, 3, 5, 4), bool)
     conv[..., :3, :2] = True
     for frozen, n in ((FROZEN, 2), (cross, 2), (stairs, 3), (conv, 2)):
-        blocks = BLOCKS.blocks_of(_vf(frozen))
-        assert len(blocks) == n, blocks
+        count, blocks = BLOCKS.blocks_of(_vf(frozen))
+        assert count == len(blocks) == n, blocks
         seen = covered(frozen, blocks)
         assert (seen == ~frozen).all(), seen
-    rectangle, rows = BLOCKS.blocks_of(_vf(FROZEN))  # in the order of their first row
+    rectangle, rows = BLOCKS.blocks_of(_vf(FROZEN))[1]  # in the order of their first row
     assert [a for a, _ in rectangle] == [0, 1] and [a for a, _ in rows] == [0]
     random = np.random.default_rng(0).random((12, 10)) < 0.5
-    assert len(BLOCKS.blocks_of(_vf(random))) > BLOCKS.MAX_BLOCKS
+    assert BLOCKS.blocks_of(_vf(random))[0] > BLOCKS.MAX_BLOCKS
     model = mlp(SIZES)
     rw = gf.rewrite(make_step(model, keras.optimizers.Adam(1e-2)),
                     [gf.Mask("hidden2/kernel", random)], *DATA[0])
     assert rw.plan.notes.slicing["sequential/hidden2/kernel"].startswith("dense"), rw.plan.notes.slicing
+
+
+def test_conv2d_grown_in_both_channel_axes_equals_seed002_reference():
+    """conv1 (trains) -> conv2 [3, 3, 4, 6] grown from 3 to 4 input and 4 to 6 output
+    channels, old x old frozen -> dense (trains), Adam; the reference masks conv2's kernel
+    with the seed-002 stop-gradient by hand. The filter gradient is computed per block
+    (input channels gathered from the image, output channels from the output gradient)."""
+    from references import entry_stop_gradients
+
+    rng = np.random.default_rng(4)
+    init = {"c1": rng.normal(0, 0.3, (3, 3, 2, 4)), "c2": rng.normal(0, 0.3, (3, 3, 4, 6)),
+            "d": rng.normal(0, 0.3, (6 * 5 * 5, 3))}
+    frozen = np.zeros((3, 3, 4, 6), bool)
+    frozen[:, :, :3, :4] = True
+    keep = tf.constant(keep_of(frozen))
+    data = [(rng.normal(size=(4, 5, 5, 2)).astype("float32"), rng.normal(size=(4, 3)).astype("float32"))
+            for _ in range(4)]
+
+    def program(masked):
+        w = {k: tf.Variable(v.astype("float32"), name=k) for k, v in init.items()}
+        optimizer = keras.optimizers.Adam(1e-2)
+
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                c2 = entry_stop_gradients(w["c2"], keep) if masked else w["c2"]
+                h = tf.tanh(tf.nn.conv2d(x, w["c1"], 1, "SAME"))
+                h = tf.tanh(tf.nn.conv2d(h, c2, 1, "SAME"))
+                loss = tf.reduce_mean(tf.square(tf.reshape(h, (4, -1)) @ w["d"] - y))
+            variables = list(w.values())
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            return loss
+
+        return step, w
+
+    step, w = program(False)
+    ref_step, w_ref = program(True)
+    ref_step = tf.function(ref_step)
+    rules = [gf.Mask("c2", frozen)]
+    rw = gf.rewrite(step, rules, *data[0])
+    for x, y in data:
+        np.testing.assert_allclose(rw(x, y).numpy(), ref_step(x, y).numpy(), rtol=1e-5)
+    assert np.array_equal(w["c2"].numpy()[frozen], init["c2"].astype("float32")[frozen])  # S1
+    for k in init:
+        np.testing.assert_allclose(w[k].numpy()[~frozen] if k == "c2" else w[k].numpy(),
+                                   w_ref[k].numpy()[~frozen] if k == "c2" else w_ref[k].numpy(),
+                                   atol=1e-5, rtol=1e-5)
+    filters = [d["shapes"][0] for _, d in rw.graph.nodes(data=True) if d["op"] == "Conv2DBackpropFilter"]
+    assert (3, 3, 3, 2) in filters and (3, 3, 1, 6) in filters and (3, 3, 4, 6) not in filters, filters
+    notes = rw.plan.notes
+    assert notes.slicing["c2"].startswith("blocks: 2") and not notes.unsliced
+    assert len(notes.sliced_writes) == 2 * 3, notes.sliced_writes

@@ -48,31 +48,69 @@ MAX_BLOCKS = int(os.environ.get("GRAPHFREEZE_MAX_BLOCKS", "4"))
 Block = tuple[tuple[int, np.ndarray], ...]  # (axis, trainable lines) for each cut axis
 
 
-def blocks_of(vf: VariableFreeze) -> list[Block]:
-    """The trainable entries of a mask that varies along two axes as disjoint rectangles
-    (see the module docstring); [] for any other mask."""
+def blocks_of(vf: VariableFreeze) -> tuple[int, list[Block]]:
+    """How many disjoint rectangles the trainable entries of a mask that varies along two
+    axes form (see the module docstring), and those rectangles when there are at most
+    MAX_BLOCKS; (0, []) for any other mask. A count above MAX_BLOCKS is a lower bound."""
     axes = vf.varying_axes
     if len(axes) != 2:
-        return []
+        return 0, []
     a0, a1 = axes
-    trainable = ~vf.compact.reshape(vf.compact.shape[a0], vf.compact.shape[a1])
-    return min(_group(trainable, a0, a1), _group(trainable.T, a1, a0), key=len)
+    frozen = vf.compact.reshape(vf.compact.shape[a0], vf.compact.shape[a1])
+    # n distinct columns allow at most 2**n distinct rows: past that, too many either way
+    limit = 2 ** (MAX_BLOCKS + 1)
+    sample = frozen[np.linspace(0, len(frozen) - 1, min(len(frozen), 4 * limit)).astype(int)]
+    if len(np.unique(_packed(sample), axis=0)) > limit:  # a random mask: told from a sample
+        return MAX_BLOCKS + 1, []
+    rows = _lines_by_pattern(_packed(frozen))
+    if rows is None or len(rows) > limit:
+        return MAX_BLOCKS + 1, []
+    patterns = ~frozen[[r[0] for r in rows]]  # one trainable pattern per group of rows
+    found = [_rectangles([(r, np.flatnonzero(p)) for r, p in zip(rows, patterns)],
+                         (a0, a1), frozen.shape)]
+    columns = _lines_by_pattern(_packed(np.ascontiguousarray(patterns.T)))
+    if columns is not None:  # equal columns of the distinct rows are equal columns
+        found.append(_rectangles(
+            [(c, np.sort(np.concatenate([r for r, p in zip(rows, patterns[:, c[0]]) if p])))
+             for c in columns], (a1, a0), frozen.shape[::-1]))
+    blocks = min(found, key=len)
+    return len(blocks), blocks if len(blocks) <= MAX_BLOCKS else []
 
 
-def _group(grid: np.ndarray, row_axis: int, column_axis: int) -> list[Block]:
-    packed = np.ascontiguousarray(np.packbits(grid, axis=1))
-    keys = packed.view(np.dtype((np.void, packed.shape[1]))).reshape(-1)
+def _packed(frozen: np.ndarray) -> np.ndarray:
+    """Each row of a C-ordered bool grid as uint64 words of its bits (zero padded)."""
+    packed = np.packbits(frozen, axis=1)
+    pad = -packed.shape[1] % 8
+    if pad:
+        packed = np.pad(packed, ((0, 0), (0, pad)))
+    return np.ascontiguousarray(packed).view(np.uint64)
+
+
+def _lines_by_pattern(words: np.ndarray) -> list[np.ndarray] | None:
+    """Line indices grouped by equal `words`, in the order of their first line; None if two
+    different patterns share a hash (then the caller keeps the dense route)."""
+    odd = np.random.default_rng(0).integers(1, 2**63, words.shape[1], dtype=np.uint64) | 1
+    with np.errstate(over="ignore"):
+        keys = (words * odd).sum(axis=1, dtype=np.uint64)
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
+    groups = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+    groups = [groups[g] for g in np.argsort(first)]
+    if any((words[g] != words[g[0]]).any() for g in groups):
+        return None
+    return groups
+
+
+def _rectangles(groups: list[tuple[np.ndarray, np.ndarray]], axes: tuple[int, int],
+                shape: tuple[int, int]) -> list[Block]:
+    """One block per group of lines along axes[0] with its trainable lines along axes[1]."""
     blocks = []
-    for group in np.argsort(first):  # in the order of their first line
-        columns = np.flatnonzero(grid[first[group]])
-        if not len(columns):
+    for lines, other in groups:
+        if not len(other):
             continue
-        rows = np.flatnonzero(inverse == group)
-        cuts = [(row_axis, rows)] if len(rows) < grid.shape[0] else []
-        if len(columns) < grid.shape[1]:
-            cuts.append((column_axis, columns))
+        cuts = [(axes[0], lines)] if len(lines) < shape[0] else []
+        if len(other) < shape[1]:
+            cuts.append((axes[1], other))
         blocks.append(tuple(sorted(cuts, key=lambda cut: cut[0])))
     return blocks
 

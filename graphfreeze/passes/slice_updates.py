@@ -89,13 +89,13 @@ def _slicer(program: Program, plan: Plan, vf: VariableFreeze, slots: set[str]) -
     of a grown layer: slice_blocks.py), flat, or dense; the choice goes to plan.notes.slicing."""
     if vf.axis is None:
         from .slice_blocks import MAX_BLOCKS, Blocks, blocks_of  # subclasses _Slicer: late
-        blocks = blocks_of(vf)
-        if blocks and len(blocks) <= MAX_BLOCKS:
+        count, blocks = blocks_of(vf)
+        if blocks:
             slicer: _Slicer = Blocks(program, plan, vf, slots, blocks)
             plan.notes.slicing[vf.variable.path] = slicer.describe()
             return slicer
     slicer = _Slicer(program, plan, vf, slots)
-    more = f"; {len(blocks)} rectangles, above MAX_BLOCKS" if vf.axis is None and blocks else ""
+    more = f"; {count}+ rectangles, above MAX_BLOCKS={MAX_BLOCKS}" if vf.axis is None and count else ""
     plan.notes.slicing[vf.variable.path] = slicer.describe() + more
     return slicer
 
