@@ -253,7 +253,9 @@ def test_blocks_of_partitions_the_trainable_entries():
     stairs[:2, :2] = stairs[2:4, :4] = stairs[4:, :] = False
     conv = np.zeros((3, 3, 5, 4), bool)
     conv[..., :3, :2] = True
-    for frozen, n in ((FROZEN, 2), (cross, 2), (stairs, 3), (conv, 2)):
+    whole = FROZEN.copy()  # a column and a row frozen whole besides the old block
+    whole[:, 8] = whole[10] = True
+    for frozen, n in ((FROZEN, 2), (cross, 2), (stairs, 3), (conv, 2), (whole, 2)):
         count, blocks = BLOCKS.blocks_of(_vf(frozen))
         assert count == len(blocks) == n, blocks
         seen = covered(frozen, blocks)

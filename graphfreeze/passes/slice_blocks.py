@@ -71,8 +71,9 @@ def blocks_of(vf: VariableFreeze) -> tuple[int, list[Block]]:
     columns = _lines_by_pattern(_packed(np.ascontiguousarray(patterns.T)))
     if columns is not None:  # equal columns of the distinct rows are equal columns
         found.append(_rectangles(
-            [(c, np.sort(np.concatenate([r for r, p in zip(rows, patterns[:, c[0]]) if p])))
-             for c in columns], (a1, a0), frozen.shape[::-1]))
+            [(c, np.sort(np.concatenate([r for r, p in zip(rows, patterns[:, c[0]]) if p]
+                                        or [np.zeros(0, np.int64)]))) for c in columns],
+            (a1, a0), frozen.shape[::-1]))
     blocks = min(found, key=len)
     return len(blocks), blocks if len(blocks) <= MAX_BLOCKS else []
 
