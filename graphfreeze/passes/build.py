@@ -19,6 +19,8 @@ INSERTED_OPS = frozenset({
     "ReadVariableOp", "ResourceGather", "ResourceGatherNd", "Shape", "ConcatV2", "Cast",
     # unpacking a bit-packed mask (passes/masks.py)
     "ExpandDims", "BitwiseAnd", "NotEqual", "Reshape",
+    # a block of consecutive lines read and written back (passes/slice_blocks.py)
+    "StridedSlice", "Sub",
 })
 
 

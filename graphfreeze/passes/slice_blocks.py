@@ -38,7 +38,7 @@ from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
 from .masks import shared_const, slug
-from .slice_products import gather_axis, slice_product_block
+from .slice_products import line_range, slice_product_block, take_lines
 from .slice_updates import PASS, _Slicer
 
 #: At most this many rectangles are sliced block by block (each adds a scatter per write
@@ -175,14 +175,14 @@ class BlockSlicer(_Slicer):
             out = tensor
             for axis in self._order():
                 if padded[axis] != 1:
-                    out = gather_axis(b, out, self._line(b, axis), axis - offset, "small")
+                    out = take_lines(b, out, self._line(b, axis), axis - offset, "small")
             self.memo[tensor] = out
         return self.memo[tensor]
 
     def _gather(self, b: Builder, tensor: Tensor) -> Tensor:
         out = tensor
         for axis in self._order():
-            out = gather_axis(b, out, self._line(b, axis), axis, f"slice_axis{axis}")
+            out = take_lines(b, out, self._line(b, axis), axis, f"slice_axis{axis}")
         self.ir.set_shape(out, self.sliced)
         return out
 
@@ -220,19 +220,63 @@ class Blocks(_Slicer):
             if new is None:
                 return False
             values.append((part, b, new))
+        # The block writes run one after the other, after every block's value: a write to a
+        # variable that a pending read still aliases would copy all of it first.
+        previous = sorted({t[0] for _, _, t in values})
         position = ir.graph.nodes[node]["order"][0]
-        for part, b, new in values[1:]:
-            indices = part._indices(b) if part.rows else part._tuples(b)
-            nd = part._scatter_def(f"{node}/block{part.number}", node, ir.dtype(value))
-            name = ir.add_node(nd.name, nd.op, [resource, indices, new], device=nd.device,
-                               after=(position - 1, 0), inserted_by=PASS,
-                               control_inputs=ir.control_inputs(node))
-            nd.name = name
-            ir.set_nodedef(name, nd)
-            ir.graph.nodes[name]["cloned"] = node
-            ir.add_control_edge(name, node)
-            self.plan.notes.inserted.extend([*b.created, name])
+        for i, (part, b, new) in enumerate([*values[1:], values[0]]):
+            nd, inputs, read = self._write(part, b, node, new)
+            if i == len(values) - 1:  # the first block's write takes the original's place
+                nd.name = name = node
+                ir.set_nodedef(node, nd)
+                ir.graph.nodes[node]["op"] = nd.op
+                ir.set_input(node, 1, inputs[1])
+                for k, t in enumerate(inputs[2:], 2):
+                    ir.graph.add_edge(t[0], node, k, src_output=t[1], dst_input=k, control=False)
+                self.plan.notes.inserted.append(node)
+            else:
+                name = ir.add_node(f"{node}/block{part.number}", nd.op, inputs, device=nd.device,
+                                   after=(position - 1, 0), inserted_by=PASS,
+                                   control_inputs=ir.control_inputs(node))
+                nd.name = name
+                ir.set_nodedef(name, nd)
+                ir.graph.nodes[name]["cloned"] = node
+                self.plan.notes.inserted.append(name)
+            for src in previous:
+                ir.add_control_edge(src, read or name)
+            previous = [name]
+            self.plan.notes.inserted.extend(b.created)
             self.plan.notes.sliced_writes.append(name)
-        first, b, _ = values[0]
-        self.plan.notes.inserted.extend(b.created)
-        return first._slice_write(node)  # the memo holds its value: the write in place
+        return True
+
+    def _write(self, part: BlockSlicer, b: Builder, node: str, new: Tensor):
+        """(NodeDef, inputs, the read it starts from or None) of block `part`'s write doing
+        `node`: a scatter, or for consecutive lines along every cut axis a strided-slice
+        assignment (for Add/Sub: of the block read and updated), which copies runs where a
+        ResourceScatterNd* goes entry by entry."""
+        ir = self.ir
+        resource, dtype, op = ir.inputs(node)[0], ir.dtype(new), ir.op(node)
+        ranges = [line_range(b, part._line(b, axis)) for axis, _ in part.cuts]
+        if part.rows or None in ranges:
+            indices = part._indices(b) if part.rows else part._tuples(b)
+            return part._scatter_def(node, node, dtype), [resource, indices, new], None
+        begin, end = np.zeros(len(self.shape), np.int32), np.asarray(self.shape, np.int32)
+        for (axis, _), (start, stop) in zip(part.cuts, ranges):
+            begin[axis], end[axis] = start, stop
+        read = None
+        if op != "AssignVariableOp":
+            read = b.read(resource, dtype, self.shape, "old")
+            for src in ir.control_inputs(node):
+                ir.add_control_edge(src, read[0])
+            old = part._gather(b, read)
+            new = b._elementwise("AddV2" if op == "AssignAddVariableOp" else "Sub", [old, new],
+                                 "updated")
+        nd = type(ir.nodedef(node))(name=node, op="ResourceStridedSliceAssign",
+                                    device=ir.device(node))
+        for key, value in (("T", dtype), ("Index", tf.int32)):
+            nd.attr[key].type = value.as_datatype_enum
+        for key in ("begin_mask", "end_mask", "ellipsis_mask", "new_axis_mask", "shrink_axis_mask"):
+            nd.attr[key].i = 0
+        bounds = [b.const(f"block_{k}", v, tf.int32)
+                  for k, v in (("begin", begin), ("end", end), ("strides", np.ones_like(begin)))]
+        return nd, [resource, *bounds, new], read and read[0]

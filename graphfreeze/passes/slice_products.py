@@ -160,8 +160,8 @@ def slice_product_block(b: Builder, tensor: Tensor, cuts: list[tuple[int, Tensor
     attrs = ir.nodedef(node).attr
     a, c = ir.inputs(node)[:2]
     (_, rows), (_, columns) = cuts
-    a = gather_axis(b, a, rows, 1 if attrs["transpose_a"].b else 0, "product_rows")
-    c = gather_axis(b, c, columns, 0 if attrs["transpose_b"].b else 1, "product_columns")
+    a = take_lines(b, a, rows, 1 if attrs["transpose_a"].b else 0, "product_rows")
+    c = take_lines(b, c, columns, 0 if attrs["transpose_b"].b else 1, "product_columns")
     return clone(b, node, [a, c], sliced)
 
 
@@ -183,8 +183,8 @@ def _block_einsum(b: Builder, node: str, cuts: list[tuple[int, Tensor]],
             if subscripts.count(letter) > 1:
                 return None  # a diagonal: not a plain line of the operand
             if letter in subscripts:
-                inputs[i] = gather_axis(b, inputs[i], indices, subscripts.index(letter),
-                                        f"operand{i}_{letter}")
+                inputs[i] = take_lines(b, inputs[i], indices, subscripts.index(letter),
+                                       f"operand{i}_{letter}")
     return clone(b, node, inputs, sliced)
 
 
@@ -205,8 +205,37 @@ def _block_filter_gradient(b: Builder, node: str, cuts: list[tuple[int, Tensor]]
         if axis == 2:
             if image_shape is None or len(image_shape) != 4 or image_shape[channel] != full[2]:
                 return None
-            image = gather_axis(b, image, indices, channel, "input_channels")
+            image = take_lines(b, image, indices, channel, "input_channels")
         else:
-            grad = gather_axis(b, grad, indices, channel, "output_channels")
+            grad = take_lines(b, grad, indices, channel, "output_channels")
     sizes = b.const("filter_sizes", np.asarray(sliced, np.int32), tf.int32)
     return clone(b, node, [image, sizes, grad], sliced)
+
+
+def line_range(b: Builder, indices: Tensor) -> tuple[int, int] | None:
+    """(start, stop) when the constant `indices` are consecutive lines, else None."""
+    value = b.ir.const_value(indices)
+    if value is None or value.ndim != 1 or not len(value):
+        return None
+    start = int(value[0])
+    return (start, start + len(value)) if np.array_equal(value, np.arange(start, start + len(value))) \
+        else None
+
+
+def take_lines(b: Builder, params: Tensor, indices: Tensor, axis: int, suffix: str) -> Tensor:
+    """`gather_axis`, as a StridedSlice when the lines are consecutive (new units are
+    appended: the common case), which copies runs instead of gathering line by line."""
+    ir = b.ir
+    shape, lines = ir.shape(params), line_range(b, indices)
+    if lines is None or shape is None:
+        return gather_axis(b, params, indices, axis, suffix)
+    rank, others = len(shape), (1 << len(shape)) - 1 - (1 << axis)
+    begin, end = np.zeros(rank, np.int32), np.zeros(rank, np.int32)
+    begin[axis], end[axis] = lines
+    dtype = ir.dtype(params)
+    inputs = [b.const(f"{suffix}_{name}", value, tf.int32)
+              for name, value in (("begin", begin), ("end", end), ("strides", np.ones(rank, np.int32)))]
+    out = tuple(shape[:axis]) + (lines[1] - lines[0],) + tuple(shape[axis + 1:])
+    return b._add(suffix, "StridedSlice", [params, *inputs], dtype, out,
+                  {"T": dtype, "Index": tf.int32, "begin_mask": others, "end_mask": others,
+                   "ellipsis_mask": 0, "new_axis_mask": 0, "shrink_axis_mask": 0})
