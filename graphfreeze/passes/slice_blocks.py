@@ -265,10 +265,14 @@ class Blocks(_Slicer):
             begin[axis], end[axis] = start, stop
         read = None
         if op != "AssignVariableOp":
-            read = b.read(resource, dtype, self.shape, "old")
-            for src in ir.control_inputs(node):
-                ir.add_control_edge(src, read[0])
-            old = part._gather(b, read)
+            last = self._last_read(node, resource)
+            if last is not None:  # what it read is what the variable holds: no second copy
+                old = part.memo.get((last, 0)) or part._gather(b, (last, 0))
+            else:
+                read = b.read(resource, dtype, self.shape, "old")
+                for src in ir.control_inputs(node):
+                    ir.add_control_edge(src, read[0])
+                old = part._gather(b, read)
             new = b._elementwise("AddV2" if op == "AssignAddVariableOp" else "Sub", [old, new],
                                  "updated")
         nd = type(ir.nodedef(node))(name=node, op="ResourceStridedSliceAssign",
@@ -280,3 +284,17 @@ class Blocks(_Slicer):
         bounds = [b.const(f"block_{k}", v, tf.int32)
                   for k, v in (("begin", begin), ("end", end), ("strides", np.ones_like(begin)))]
         return nd, [resource, *bounds, new], read and read[0]
+
+    def _last_read(self, node: str, resource: Tensor) -> str | None:
+        """A read of the variable `node` writes that nothing wrote after: the traced step's
+        automatic control dependencies make a write wait for the reads since the last write
+        (only for them, when there are any). Under copy-on-read (any scatter or strided
+        assignment puts a variable in it) every full read is a copy of the whole variable."""
+        ir, program = self.ir, self.program
+        owners = program.resource_owners(ir, resource)
+        touching = [c for c in ir.control_inputs(node)
+                    if any(ir.is_resource(t) and program.resource_owners(ir, t) & owners
+                           for t in ir.inputs(c))]
+        if touching and all(ir.op(c) == "ReadVariableOp" for c in touching):
+            return touching[0]
+        return None
