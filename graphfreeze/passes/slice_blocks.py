@@ -13,12 +13,16 @@ axis gives fewer blocks. For the L: [64, 1088] (new rows, a plain rows slice) an
 `slice_updates._Slicer` per rectangle, with its own index constants and memo): the value is
 cloned backwards on the block, reads become gathers of it, the weight-gradient product is
 computed from operands gathered along both axes (`slice_product_block`), and the write
-becomes a scatter at the block: ResourceScatter* for a rows slice, ResourceScatterNd* at
-the block's index tuples otherwise. The first block's scatter replaces the write in place;
-every other block's is a new node with the write's control inputs, placed just before it
-in program order, that the write waits for, so whatever waited for the write waits for
-every block (blocks are disjoint: their mutual order does not matter). Frozen entries of V
-and of every slot are never read-modify-written (S1, S4).
+becomes one at the block: ResourceScatter* for a rows slice; for consecutive lines along
+every cut axis a ResourceStridedSliceAssign (of the block read and updated, for Add/Sub),
+since ResourceScatterNd* goes entry by entry and on CPU costs more than a dense update of
+the whole variable; ResourceScatterNd* at the block's index tuples otherwise. The first
+block's write replaces the original in place; every other block's is a new node with the
+original's control inputs, placed just before it in program order. They run one after
+another, the first only once every block's value is computed, and the original last, so
+whatever waited for the write waits for every block, and no block write finds its variable
+still aliased by a pending read (TensorFlow would copy all of it first). Frozen entries of
+V and of every slot are never read-modify-written (S1, S4).
 
 More than MAX_BLOCKS blocks (a random mask): the single-axis/flat/dense choice of
 slice_updates applies. Blocks are preferred over flat below FLAT_AT because the flat

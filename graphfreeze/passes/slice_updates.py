@@ -6,10 +6,12 @@ average) are rewritten so that frozen entries are never read-modify-written:
 
 * the value each write stores is cloned backwards through elementwise ops on the
   trainable entries only. When V's mask varies along one axis (Rows, Columns, a Mask of
-  whole lines), the slice keeps V's rank with that axis cut to the trainable lines;
-  otherwise it is the flat vector of trainable entries. A read of V or of a slot becomes
-  a gather of the trainable entries (ResourceGather of rows; a read then a gather, as XLA
-  has no ResourceGatherNd), a compact tensor (gf.Scale factors, a per-row constant) is
+  whole lines), the slice keeps V's rank with that axis cut to the trainable lines; when
+  the trainable entries are a few rectangles (the L of a grown kernel), each rectangle is
+  sliced on its own (slice_blocks.py); otherwise it is the flat vector of trainable
+  entries. A read of V or of a slot becomes a gather of the trainable entries
+  (ResourceGather of rows; a read then a gather, as XLA has no ResourceGatherNd), a
+  compact tensor (gf.Scale factors, a per-row constant) is
   gathered the same way, a weight-gradient MatMul computes only the trainable rows or
   columns (slice_products.py), any other full-size tensor is gathered where the
   elementwise chain starts, scalars (learning rate, bias corrections) are kept; a select
