@@ -319,3 +319,36 @@ def test_conv2d_grown_in_both_channel_axes_equals_seed002_reference():
     notes = rw.plan.notes
     assert notes.slicing["c2"].startswith("blocks: 2") and not notes.unsliced
     assert len(notes.sliced_writes) == 2 * 3, notes.sliced_writes
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_l_of_scattered_lines_is_scattered_back(jit):
+    """Old rows and columns that are not consecutive: the rectangle block is written back
+    with ResourceScatterNd* at its index tuples (not a strided slice); Adam, trainable
+    layers on both sides, against the seed-002 mask by hand; frozen entries and slots kept."""
+    frozen = np.zeros((12, 10), bool)
+    frozen[np.ix_([0, 2, 3, 5, 6, 9, 10, 11], [0, 1, 3, 4, 6, 8, 9])] = True
+    model = mlp(SIZES)
+    reference = masked_mlp(SIZES, {"hidden2": (keep_of(frozen), None)})
+    reference.set_weights(model.get_weights())
+    optimizer = OPTIMIZERS["adam"]()
+    step = make_step(model, optimizer)
+    rw = gf.rewrite(tf.function(step, jit_compile=True) if jit else step,
+                    [gf.Mask("hidden2/kernel", frozen)], *DATA[0])
+    ref_step = tf.function(make_step(reference, OPTIMIZERS["adam"]()), jit_compile=jit or None)
+    ops = {rw.ir.op(n) for n in rw.plan.notes.sliced_writes}
+    assert {"ResourceScatterNdAdd", "ResourceScatterAdd", "ResourceScatterSub"} <= ops, ops
+    assert rw.plan.notes.slicing["sequential/hidden2/kernel"].startswith("blocks: 2")
+    kernel = model.get_layer("hidden2").kernel
+    start = kernel.numpy().copy()
+    for x, y in DATA:
+        rw(x, y)
+        ref_step(x, y)
+    assert np.array_equal(kernel.numpy()[frozen], start[frozen])
+    for slot in _slots(optimizer, "hidden2_kernel"):  # S4: built from zero, never written there
+        assert not slot.numpy()[frozen].any() and slot.numpy()[~frozen].any()
+    np.testing.assert_allclose(kernel.numpy()[~frozen],
+                               reference.get_layer("hidden2").kernel.numpy()[~frozen], atol=1e-4, rtol=1e-5)
+    for name in ("hidden1", "out"):
+        for va, vb in zip(model.get_layer(name).variables, reference.get_layer(name).variables):
+            np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-4, rtol=1e-5)
