@@ -33,6 +33,7 @@ class Notes:
     opaque_ops: list[str] = field(default_factory=list)  # allowed with allow_opaque=True
     sliced_writes: list[str] = field(default_factory=list)  # now scatter at trainable entries
     unsliced: list[str] = field(default_factory=list)  # "not sliced: <op> <node>"
+    slicing: dict[str, str] = field(default_factory=dict)  # partly frozen path -> how sliced
 
 
 MarkerSite = tuple[Any, Marker, VariableInfo]  # (the IR holding it, marker, its variable)

@@ -22,6 +22,8 @@ INSERTED_OPS = frozenset({
     # a fused optimizer kernel written out elementwise (passes/lower_fused_apply.py)
     "Sub", "RealDiv", "Sqrt", "Rsqrt", "Square", "Maximum", "Abs", "Sign", "Exp",
     "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
+    # a block of consecutive lines read and written back (passes/slice_blocks.py)
+    "StridedSlice",
 })
 
 

@@ -318,3 +318,106 @@ def clone(b: Builder, node: str, inputs: list[Tensor], shape: tuple[int, ...]) -
     ir.graph.nodes[new]["cloned"] = node
     b.created.append(new)
     return (new, 0)
+
+
+def slice_product_block(b: Builder, tensor: Tensor, cuts: list[tuple[int, Tensor]],
+                        sliced: tuple[int, ...]) -> Tensor | None:
+    """The block of the product `tensor` at lines `indices` along each `(axis, indices)` of
+    `cuts` (one or two axes: rows x columns of a grown kernel), computed from operands
+    gathered on every cut axis; None when `tensor` is not such a product."""
+    ir = b.ir
+    node, k = tensor
+    op = ir.op(node)
+    if op not in PRODUCTS or k != 0 or len(ir.graph.nodes[node]["dtypes"]) != 1:
+        return None
+    if op == "Conv2DBackpropFilter":  # input channels too, which slice_product leaves alone
+        return _block_filter_gradient(b, node, cuts, sliced)
+    if len(cuts) == 1:
+        return slice_product(b, tensor, cuts[0][0], cuts[0][1], sliced)
+    if op == "Einsum":
+        return _block_einsum(b, node, cuts, sliced)
+    shape = ir.shape(tensor)
+    if op != "MatMul" or shape is None or len(shape) != 2:
+        return None
+    attrs = ir.nodedef(node).attr
+    a, c = ir.inputs(node)[:2]
+    (_, rows), (_, columns) = cuts
+    a = take_lines(b, a, rows, 1 if attrs["transpose_a"].b else 0, "product_rows")
+    c = take_lines(b, c, columns, 0 if attrs["transpose_b"].b else 1, "product_columns")
+    return clone(b, node, [a, c], sliced)
+
+
+def _block_einsum(b: Builder, node: str, cuts: list[tuple[int, Tensor]],
+                  sliced: tuple[int, ...]) -> Tensor | None:
+    """Einsum: each cut output subscript is cut in every operand that has it."""
+    ir = b.ir
+    equation = ir.nodedef(node).attr["equation"].s.decode()
+    if "..." in equation or "->" not in equation:
+        return None
+    ins, out = equation.replace(" ", "").split("->")
+    operands = ins.split(",")
+    inputs = list(ir.inputs(node))
+    if len(operands) != len(inputs) or any(axis >= len(out) for axis, _ in cuts):
+        return None
+    for axis, indices in cuts:
+        letter = out[axis]
+        for i, subscripts in enumerate(operands):
+            if subscripts.count(letter) > 1:
+                return None  # a diagonal: not a plain line of the operand
+            if letter in subscripts:
+                inputs[i] = take_lines(b, inputs[i], indices, subscripts.index(letter),
+                                       f"operand{i}_{letter}")
+    return clone(b, node, inputs, sliced)
+
+
+def _block_filter_gradient(b: Builder, node: str, cuts: list[tuple[int, Tensor]],
+                           sliced: tuple[int, ...]) -> Tensor | None:
+    """Conv2DBackpropFilter [h, w, in, out] cut along input channels (the image's channels)
+    and/or output channels (the output gradient's); not for grouped convolutions, whose
+    filter input channels are not the image's."""
+    ir = b.ir
+    nhwc = (ir.nodedef(node).attr["data_format"].s.decode() or "NHWC") == "NHWC"
+    full = ir.shape((node, 0))
+    image, _, grad = ir.inputs(node)[:3]
+    image_shape = ir.shape(image)
+    if full is None or len(sliced) != 4 or any(axis not in (2, 3) for axis, _ in cuts):
+        return None
+    channel = 3 if nhwc else 1
+    for axis, indices in cuts:
+        if axis == 2:
+            if image_shape is None or len(image_shape) != 4 or image_shape[channel] != full[2]:
+                return None
+            image = take_lines(b, image, indices, channel, "input_channels")
+        else:
+            grad = take_lines(b, grad, indices, channel, "output_channels")
+    sizes = b.const("filter_sizes", np.asarray(sliced, np.int32), tf.int32)
+    return clone(b, node, [image, sizes, grad], sliced)
+
+
+def line_range(b: Builder, indices: Tensor) -> tuple[int, int] | None:
+    """(start, stop) when the constant `indices` are consecutive lines, else None."""
+    value = b.ir.const_value(indices)
+    if value is None or value.ndim != 1 or not len(value):
+        return None
+    start = int(value[0])
+    return (start, start + len(value)) if np.array_equal(value, np.arange(start, start + len(value))) \
+        else None
+
+
+def take_lines(b: Builder, params: Tensor, indices: Tensor, axis: int, suffix: str) -> Tensor:
+    """`gather_axis`, as a StridedSlice when the lines are consecutive (new units are
+    appended: the common case), which copies runs instead of gathering line by line."""
+    ir = b.ir
+    shape, lines = ir.shape(params), line_range(b, indices)
+    if lines is None or shape is None:
+        return gather_axis(b, params, indices, axis, suffix)
+    rank, others = len(shape), (1 << len(shape)) - 1 - (1 << axis)
+    begin, end = np.zeros(rank, np.int32), np.zeros(rank, np.int32)
+    begin[axis], end[axis] = lines
+    dtype = ir.dtype(params)
+    inputs = [b.const(f"{suffix}_{name}", value, tf.int32)
+              for name, value in (("begin", begin), ("end", end), ("strides", np.ones(rank, np.int32)))]
+    out = tuple(shape[:axis]) + (lines[1] - lines[0],) + tuple(shape[axis + 1:])
+    return b._add(suffix, "StridedSlice", [params, *inputs], dtype, out,
+                  {"T": dtype, "Index": tf.int32, "begin_mask": others, "end_mask": others,
+                   "ellipsis_mask": 0, "new_axis_mask": 0, "shrink_axis_mask": 0})

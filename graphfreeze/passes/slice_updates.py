@@ -6,10 +6,12 @@ average) are rewritten so that frozen entries are never read-modify-written:
 
 * the value each write stores is cloned backwards through elementwise ops on the
   trainable entries only. When V's mask varies along one axis (Rows, Columns, a Mask of
-  whole lines), the slice keeps V's rank with that axis cut to the trainable lines;
-  otherwise it is the flat vector of trainable entries. A read of V or of a slot becomes
-  a gather of the trainable entries (ResourceGather of rows; a read then a gather, as XLA
-  has no ResourceGatherNd), a compact tensor (gf.Scale factors, a per-row constant) is
+  whole lines), the slice keeps V's rank with that axis cut to the trainable lines; when
+  the trainable entries are a few rectangles (the L of a grown kernel), each rectangle is
+  sliced on its own (slice_blocks.py); otherwise it is the flat vector of trainable
+  entries. A read of V or of a slot becomes a gather of the trainable entries
+  (ResourceGather of rows; a read then a gather, as XLA has no ResourceGatherNd), a
+  compact tensor (gf.Scale factors, a per-row constant) is
   gathered the same way, a weight-gradient MatMul computes only the trainable rows or
   columns (slice_products.py), any other full-size tensor is gathered where the
   elementwise chain starts, scalars (learning rate, bias corrections) are kept; a select
@@ -80,8 +82,24 @@ def slice_updates(program: Program, plan: Plan) -> PassResult:
             plan.notes.unsliced.extend(f"not sliced: {by_placeholder[r].path} is read by "
                                        "an op over the whole variable" for r in sorted(mixed))
             continue
-        _Slicer(program, plan, vf, slots).run()
+        _slicer(program, plan, vf, slots).run()
     return PassResult(program, program.edits != start)
+
+
+def _slicer(program: Program, plan: Plan, vf: VariableFreeze, slots: set[str]) -> _Slicer:
+    """One axis, block by block (a mask whose trainable entries are a few rectangles, an L
+    of a grown layer: slice_blocks.py), flat, or dense; the choice goes to plan.notes.slicing."""
+    if vf.axis is None:
+        from .slice_blocks import MAX_BLOCKS, Blocks, blocks_of  # subclasses _Slicer: late
+        count, blocks = blocks_of(vf)
+        if blocks:
+            slicer: _Slicer = Blocks(program, plan, vf, slots, blocks)
+            plan.notes.slicing[vf.variable.path] = slicer.describe()
+            return slicer
+    slicer = _Slicer(program, plan, vf, slots)
+    more = f"; {count}+ rectangles, above MAX_BLOCKS={MAX_BLOCKS}" if vf.axis is None and count else ""
+    plan.notes.slicing[vf.variable.path] = slicer.describe() + more
+    return slicer
 
 
 def _mixed_slots(program: Program, slots: set[str]) -> set[str]:
@@ -148,10 +166,18 @@ class _Slicer:
         self.shape = shape
         self.memo: dict[Tensor, Tensor | None] = {}
         self.mask_const = self.ir.const_cache.get(("frozen", vf.variable.path))
+        self.dense = self.axis is None and len(self.index) > FLAT_AT * self.vf.frozen.size
+
+    def describe(self) -> str:
+        """How the writes are sliced, for plan.notes.slicing."""
+        if self.axis is not None:
+            return f"axis {self.axis}: {len(self.index)} of {self.shape[self.axis]} lines"
+        share = f"{len(self.index)} of {self.vf.frozen.size} entries train"
+        return f"dense: slot writes guarded ({share})" if self.dense else f"flat: {share}"
 
     def run(self) -> None:
         dep = self.plan.dependence
-        dense = self.axis is None and len(self.index) > FLAT_AT * self.vf.frozen.size
+        dense = self.dense
         for ir, node in list(dep.writes):
             if node not in ir:
                 continue
@@ -181,23 +207,26 @@ class _Slicer:
         if new is None:
             return False
         indices = self._indices(b) if self.rows else self._tuples(b)
-        dtype = ir.dtype(value)
-        kind = _SCATTER[ir.op(node)]
-        op = f"ResourceScatter{'' if self.rows else 'Nd'}{kind}"
-        nd = type(ir.nodedef(node))(name=node, op=op, device=ir.device(node))
+        ir.set_nodedef(node, self._scatter_def(node, node, ir.dtype(value)))
+        ir.graph.nodes[node]["op"] = ir.nodedef(node).op
+        ir.set_input(node, 1, indices)
+        ir.graph.add_edge(new[0], node, 2, src_output=new[1], dst_input=2, control=False)
+        self.plan.notes.inserted.extend(b.created)
+        self.plan.notes.sliced_writes.append(node)
+        return True
+
+    def _scatter_def(self, name: str, write: str, dtype: tf.DType):
+        """The NodeDef of the scatter `name` that does `write` at the slice's entries."""
+        ir = self.ir
+        op = f"ResourceScatter{'' if self.rows else 'Nd'}{_SCATTER[ir.op(write)]}"
+        nd = type(ir.nodedef(write))(name=name, op=op, device=ir.device(write))
         if self.rows:
             nd.attr["dtype"].type = dtype.as_datatype_enum
         else:
             nd.attr["T"].type = dtype.as_datatype_enum
             nd.attr["use_locking"].b = True
         nd.attr["Tindices"].type = tf.int32.as_datatype_enum
-        ir.set_nodedef(node, nd)
-        ir.graph.nodes[node]["op"] = op
-        ir.set_input(node, 1, indices)
-        ir.graph.add_edge(new[0], node, 2, src_output=new[1], dst_input=2, control=False)
-        self.plan.notes.inserted.extend(b.created)
-        self.plan.notes.sliced_writes.append(node)
-        return True
+        return nd
 
     def _guard_slot_write(self, ir: IR, node: str) -> None:
         b = Builder(ir, PASS, node, f"graphfreeze/{PASS}/{slug(self.vf.variable.path)}")
@@ -298,11 +327,13 @@ class _Slicer:
                         return self._gather(b, tensor)
                     new_inputs.append(small)
             return clone(b, node, new_inputs, self.sliced)
-        if self.axis is not None:  # a weight-gradient product: computed on the slice
-            product = slice_product(b, tensor, self.axis, self._indices(b), self.sliced)
-            if product is not None:
-                return product
-        return self._gather(b, tensor)
+        product = self._product(b, tensor)  # a weight-gradient product: on the slice
+        return self._gather(b, tensor) if product is None else product
+
+    def _product(self, b: Builder, tensor: Tensor) -> Tensor | None:
+        if self.axis is None:
+            return None
+        return slice_product(b, tensor, self.axis, self._indices(b), self.sliced)
 
     def _gather(self, b: Builder, tensor: Tensor) -> Tensor:
         if self.axis is not None:
