@@ -265,7 +265,8 @@ class Blocks(_Slicer):
             indices = part._indices(b) if part.rows else part._tuples(b)
             return part._scatter_def(node, node, dtype), [resource, indices, new], None
         begin, end = np.zeros(len(self.shape), np.int32), np.asarray(self.shape, np.int32)
-        for (axis, _), (start, stop) in zip(part.cuts, ranges):
+        spans = [r for r in ranges if r is not None]  # every one, after the check above
+        for (axis, _), (start, stop) in zip(part.cuts, spans, strict=True):
             begin[axis], end[axis] = start, stop
         read = None
         if op != "AssignVariableOp":
