@@ -6,7 +6,9 @@ output kernel). graphfreeze gets Columns/Rows rules; the peer is the same networ
 `entry_stop_gradients` (seed 002) applied to every weight in the forward pass. Both use
 Adam and compute the same gradients; they run interleaved in one process.
 
-    python bench/bench_partial.py [--rounds 7] [--quick]
+    python bench/bench_partial.py [--rounds 7] [--quick] [--jit]
+
+--jit compiles all three steps with XLA (`jit_compile=True`) and writes partial_xla.json.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def network(width_in, units, depth, classes, masks=None, seed=0):
 
 
 def main(argv=None) -> int:
-    args = common.arguments(__doc__, rounds=7, steps=10).parse_args(argv)
+    parser = common.arguments(__doc__, rounds=7, steps=10)
+    parser.add_argument("--jit", action="store_true", help="every step under XLA (jit_compile=True)")
+    args = parser.parse_args(argv)
     old, new, depth, batch, classes = (256, 16, 8, 64, 10) if args.quick else (1024, 64, 8, 256, 10)
     width_in = old
     x = np.random.default_rng(0).normal(size=(batch, width_in)).astype("float32")
@@ -80,7 +84,8 @@ def main(argv=None) -> int:
     peer = network(width_in, old + new, depth, classes, masks=masks)
     peer.set_weights(ours.get_weights())
     def adam_step(model):
-        return tf.function(common.train_step(model, keras.optimizers.Adam(1e-3)))
+        return tf.function(common.train_step(model, keras.optimizers.Adam(1e-3)),
+                           jit_compile=args.jit)
 
     gf_step = gf.freeze(*grown_rules(old, new, depth))(adam_step(ours))
     peer_step = adam_step(peer)
@@ -93,11 +98,13 @@ def main(argv=None) -> int:
     }, rounds=args.rounds, steps=args.steps)
     frozen = sum(int(k.sum() + b.sum()) for k, b in masks.values())
     total = sum(k.size + b.size for k, b in masks.values())
+    xla = ", XLA" if args.jit else ""
     path = common.publish(
-        "partial", f"Grow case: {depth} hidden layers of {old}+{new}, batch {batch}, Adam "
-        f"(median of {args.rounds} rounds x {args.steps} steps)", times, "seed-002 mask trick",
-        "ratio_vs_mask_trick",
+        "partial_xla" if args.jit else "partial", f"Grow case: {depth} hidden layers of "
+        f"{old}+{new}, batch {batch}, Adam{xla} (median of {args.rounds} rounds x {args.steps} "
+        "steps)", times, "seed-002 mask trick", "ratio_vs_mask_trick",
         {"old_units": old, "new_units": new, "depth": depth, "batch": batch, "optimizer": "Adam",
+         "jit_compile": args.jit,
          "frozen_parameters": frozen, "parameters": total, "rounds": args.rounds,
          "steps_per_round": args.steps}, argv, "bench_partial.py", args.quick)
     print(f"\nfrozen parameters: {frozen:,} of {total:,}\nwritten {path}")

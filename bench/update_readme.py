@@ -50,7 +50,9 @@ def partial(d: dict) -> str:
     c = d["config"]
     return (f"Grow case: {c['depth']} hidden layers of {c['old_units']}+{c['new_units']} units, "
             f"the old units frozen by `Columns`/`Rows` rules ({c['frozen_parameters']:,} of "
-            f"{c['parameters']:,} parameters), batch {c['batch']}, {c['optimizer']} {_median(c)}:\n\n"
+            f"{c['parameters']:,} parameters), batch {c['batch']}, {c['optimizer']}"
+            f"{', every step compiled with XLA (`--jit`)' if c.get('jit_compile') else ''} "
+            f"{_median(c)}:\n\n"
             + _rows(d["seconds_per_step"], d["ratio_vs_mask_trick"], "seed-002 mask trick"))
 
 
@@ -212,7 +214,8 @@ def fused(d: dict) -> str:
             + _rows(d["seconds_per_step"], d["ratio_vs_train_everything"], "train everything"))
 
 
-SECTIONS = {"core": core, "fit": fit, "partial": partial, "corpus": corpus, "transfer": transfer,
+SECTIONS = {"core": core, "fit": fit, "partial": partial, "partial_xla": partial, "corpus": corpus,
+            "transfer": transfer,
             "distribute": distribute, "cache": cache, "scale": scale, "memory": memory,
             "tokens": tokens, "flat_mask": flat_mask, "temporaries": temporaries,
             "conv_grow": conv_grow, "depthwise_grow": depthwise_grow, "fused": fused}
