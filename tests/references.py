@@ -72,3 +72,48 @@ def masked_mlp(sizes, keeps, activation="tanh", seed=0):
 
 def keep_of(frozen: np.ndarray) -> np.ndarray:
     return (~frozen).astype("float32")
+
+
+def conv_programs(frozen: np.ndarray, seed: int = 4):
+    """conv1 (trains) -> conv2 [3, 3, 4, 6] -> dense (trains), Adam, as plain TensorFlow over
+    tf.Variables, twice from the same values: the plain step and the reference step, whose
+    conv2 kernel goes through the seed-002 stop-gradient mask (`frozen`: True = frozen).
+    Returns (step, its variables, reference tf.function, its variables, initial values, data)."""
+    rng = np.random.default_rng(seed)
+    init = {"c1": rng.normal(0, 0.3, (3, 3, 2, 4)), "c2": rng.normal(0, 0.3, (3, 3, 4, 6)),
+            "d": rng.normal(0, 0.3, (6 * 5 * 5, 3))}
+    keep = tf.constant(keep_of(frozen))
+    data = [(rng.normal(size=(4, 5, 5, 2)).astype("float32"), rng.normal(size=(4, 3)).astype("float32"))
+            for _ in range(4)]
+
+    def program(masked):
+        w = {k: tf.Variable(v.astype("float32"), name=k) for k, v in init.items()}
+        optimizer = keras.optimizers.Adam(1e-2)
+
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                c2 = entry_stop_gradients(w["c2"], keep) if masked else w["c2"]
+                h = tf.tanh(tf.nn.conv2d(x, w["c1"], 1, "SAME"))
+                h = tf.tanh(tf.nn.conv2d(h, c2, 1, "SAME"))
+                loss = tf.reduce_mean(tf.square(tf.reshape(h, (4, -1)) @ w["d"] - y))
+            variables = list(w.values())
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            return loss
+
+        return step, w
+
+    step, w = program(False)
+    ref_step, w_ref = program(True)
+    return step, w, tf.function(ref_step), w_ref, init, data
+
+
+def assert_conv_programs_agree(rewritten, ref_step, w, w_ref, init, frozen, data):
+    """Run both `conv_programs` steps over `data`: equal losses, conv2's frozen entries
+    bitwise unchanged (S1), everything else equal to the reference."""
+    for x, y in data:
+        np.testing.assert_allclose(rewritten(x, y).numpy(), ref_step(x, y).numpy(), rtol=1e-5)
+    assert np.array_equal(w["c2"].numpy()[frozen], init["c2"].astype("float32")[frozen])
+    for k in init:
+        np.testing.assert_allclose(w[k].numpy()[~frozen] if k == "c2" else w[k].numpy(),
+                                   w_ref[k].numpy()[~frozen] if k == "c2" else w_ref[k].numpy(),
+                                   atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import make_step, mlp
-from references import keep_of
+from references import assert_conv_programs_agree, conv_programs
 from test_sliced import DATA, SIZES, _rules, _slots
 
 import graphfreeze as gf
@@ -111,45 +111,12 @@ def test_conv2d_with_frozen_output_channels_equals_seed002_reference():
     """conv1 (trains) -> conv2 with output channels 1, 4, 5 frozen -> dense (trains), Adam;
     the reference masks conv2's kernel with the seed-002 stop-gradient by hand. The filter
     gradient is computed for the trainable channels only."""
-    from references import entry_stop_gradients
-
-    rng = np.random.default_rng(4)
-    init = {"c1": rng.normal(0, 0.3, (3, 3, 2, 4)), "c2": rng.normal(0, 0.3, (3, 3, 4, 6)),
-            "d": rng.normal(0, 0.3, (6 * 5 * 5, 3))}
     frozen_channels = [1, 4, 5]
     frozen = np.zeros((3, 3, 4, 6), bool)
     frozen[..., frozen_channels] = True
-    keep = tf.constant(keep_of(frozen))
-    data = [(rng.normal(size=(4, 5, 5, 2)).astype("float32"), rng.normal(size=(4, 3)).astype("float32"))
-            for _ in range(4)]
-
-    def program(masked):
-        w = {k: tf.Variable(v.astype("float32"), name=k) for k, v in init.items()}
-        optimizer = keras.optimizers.Adam(1e-2)
-
-        def step(x, y):
-            with tf.GradientTape() as tape:
-                c2 = entry_stop_gradients(w["c2"], keep) if masked else w["c2"]
-                h = tf.tanh(tf.nn.conv2d(x, w["c1"], 1, "SAME"))
-                h = tf.tanh(tf.nn.conv2d(h, c2, 1, "SAME"))
-                loss = tf.reduce_mean(tf.square(tf.reshape(h, (4, -1)) @ w["d"] - y))
-            variables = list(w.values())
-            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-            return loss
-
-        return step, w
-
-    step, w = program(False)
-    ref_step, w_ref = program(True)
-    ref_step = tf.function(ref_step)
+    step, w, ref_step, w_ref, init, data = conv_programs(frozen)
     rw = gf.rewrite(step, [gf.Columns("c2", frozen_channels)], *data[0])
-    for x, y in data:
-        np.testing.assert_allclose(rw(x, y).numpy(), ref_step(x, y).numpy(), rtol=1e-5)
-    assert np.array_equal(w["c2"].numpy()[frozen], init["c2"].astype("float32")[frozen])  # S1
-    for k in init:
-        np.testing.assert_allclose(w[k].numpy()[~frozen] if k == "c2" else w[k].numpy(),
-                                   w_ref[k].numpy()[~frozen] if k == "c2" else w_ref[k].numpy(),
-                                   atol=1e-5, rtol=1e-5)
+    assert_conv_programs_agree(rw, ref_step, w, w_ref, init, frozen, data)
     filters = [d["shapes"][0] for _, d in rw.graph.nodes(data=True) if d["op"] == "Conv2DBackpropFilter"]
     assert (3, 3, 4, 3) in filters and (3, 3, 4, 6) not in filters, filters
     assert len(rw.plan.notes.sliced_writes) == 3 and not rw.plan.notes.unsliced

@@ -84,22 +84,7 @@ def _slice_einsum(b: Builder, node: str, axis: int, indices: Tensor,
                   sliced: tuple[int, ...]) -> Tensor | None:
     """Einsum: the output subscript at `axis` is cut in every operand that has it (the
     tied projection's gradient `btv,btd->vd` gathers the trainable rows' logits)."""
-    ir = b.ir
-    equation = ir.nodedef(node).attr["equation"].s.decode()
-    if "..." in equation or "->" not in equation:
-        return None
-    ins, out = equation.replace(" ", "").split("->")
-    operands = ins.split(",")
-    inputs = list(ir.inputs(node))
-    if axis >= len(out) or len(operands) != len(inputs):
-        return None
-    letter = out[axis]
-    for i, subscripts in enumerate(operands):
-        if subscripts.count(letter) > 1:
-            return None  # a diagonal: not a plain line of the operand
-        if letter in subscripts:
-            inputs[i] = gather_axis(b, inputs[i], indices, subscripts.index(letter), f"operand{i}")
-    return clone(b, node, inputs, sliced)
+    return _block_einsum(b, node, [(axis, indices)], sliced)
 
 
 def _slice_segment_sum(b: Builder, node: str, axis: int, indices: Tensor,
@@ -359,11 +344,11 @@ def _block_einsum(b: Builder, node: str, cuts: list[tuple[int, Tensor]],
     inputs = list(ir.inputs(node))
     if len(operands) != len(inputs) or any(axis >= len(out) for axis, _ in cuts):
         return None
-    for axis, indices in cuts:
-        letter = out[axis]
+    letters = [(out[axis], indices) for axis, indices in cuts]
+    if any(subscripts.count(letter) > 1 for letter, _ in letters for subscripts in operands):
+        return None  # a diagonal: not a plain line of the operand
+    for letter, indices in letters:
         for i, subscripts in enumerate(operands):
-            if subscripts.count(letter) > 1:
-                return None  # a diagonal: not a plain line of the operand
             if letter in subscripts:
                 inputs[i] = take_lines(b, inputs[i], indices, subscripts.index(letter),
                                        f"operand{i}_{letter}")
