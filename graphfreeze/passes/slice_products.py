@@ -59,24 +59,32 @@ def slice_product(b: Builder, tensor: Tensor, axis: int, indices: Tensor,
     op = ir.op(node)
     if op not in PRODUCTS or k != 0 or len(ir.graph.nodes[node]["dtypes"]) != 1:
         return None
-    attrs = ir.nodedef(node).attr
     if op == "Einsum":
         return _slice_einsum(b, node, axis, indices, sliced)
     if op == "UnsortedSegmentSum":
         return _slice_segment_sum(b, node, axis, indices, sliced)
     if op == "Conv2DBackpropFilter":
-        cut = _slice_filter_gradient if axis == 3 else _slice_filter_inputs
-        return cut(b, node, axis, indices, sliced)
+        return _block_filter_gradient(b, node, [(axis, indices)], sliced)
     if op in _MORE:
         return _MORE[op](b, node, axis, indices, sliced)
-    a, c = ir.inputs(node)[:2]
-    shape = ir.shape(tensor)
+    return _matmul_lines(b, node, [(axis, indices)], sliced)
+
+
+def _matmul_lines(b: Builder, node: str, cuts: list[tuple[int, Tensor]],
+                  sliced: tuple[int, ...]) -> Tensor | None:
+    """MatMul: rows of the output are rows of A (its columns when transposed), columns of
+    the output columns of B (its rows when transposed)."""
+    ir = b.ir
+    shape = ir.shape((node, 0))
     if shape is None or len(shape) != 2:
         return None
-    if axis == 0:  # rows of the output: rows of A, or its columns when transposed
-        a = gather_axis(b, a, indices, 1 if attrs["transpose_a"].b else 0, "product_rows")
-    else:  # columns of the output: columns of B, or its rows when transposed
-        c = gather_axis(b, c, indices, 0 if attrs["transpose_b"].b else 1, "product_columns")
+    attrs = ir.nodedef(node).attr
+    a, c = ir.inputs(node)[:2]
+    for axis, indices in cuts:
+        if axis == 0:
+            a = take_lines(b, a, indices, 1 if attrs["transpose_a"].b else 0, "product_rows")
+        else:
+            c = take_lines(b, c, indices, 0 if attrs["transpose_b"].b else 1, "product_columns")
     return clone(b, node, [a, c], sliced)
 
 
@@ -105,37 +113,6 @@ def _slice_segment_sum(b: Builder, node: str, axis: int, indices: Tensor,
     count = b.const("segments", np.asarray(len(trainable), ir.dtype(ir.inputs(node)[2]).as_numpy_dtype),
                     ir.dtype(ir.inputs(node)[2]))
     return clone(b, node, [data, renumbered, count], sliced)
-
-
-def _slice_filter_gradient(b: Builder, node: str, axis: int, indices: Tensor,
-                           sliced: tuple[int, ...]) -> Tensor | None:
-    """Conv2DBackpropFilter [h, w, in, out]: the trainable output channels need only those
-    channels of the output gradient."""
-    ir = b.ir
-    data_format = ir.nodedef(node).attr["data_format"].s.decode() or "NHWC"
-    if axis != 3 or len(sliced) != 4:
-        return None
-    image, _, grad = ir.inputs(node)[:3]
-    grad = gather_axis(b, grad, indices, 3 if data_format == "NHWC" else 1, "output_channels")
-    sizes = b.const("filter_sizes", np.asarray(sliced, np.int32), tf.int32)
-    return clone(b, node, [image, sizes, grad], sliced)
-
-
-def _slice_filter_inputs(b: Builder, node: str, axis: int, indices: Tensor,
-                         sliced: tuple[int, ...]) -> Tensor | None:
-    """Conv2DBackpropFilter [h, w, in, out]: the trainable input channels (axis 2) need only
-    those channels of the input; not for a grouped convolution, whose filter's `in` is a
-    group's channels (fewer than the input's)."""
-    ir = b.ir
-    image = ir.inputs(node)[0]
-    shape, full = ir.shape(image), ir.shape((node, 0))
-    channel = _channel_axis(ir, node)
-    if axis != 2 or len(sliced) != 4 or shape is None or full is None \
-            or shape[channel] is None or shape[channel] != full[2]:
-        return None
-    image = _operand_lines(b, image, channel, indices, "input_channels")
-    sizes = b.const("filter_sizes", np.asarray(sliced, np.int32), tf.int32)
-    return clone(b, node, [image, sizes, ir.inputs(node)[2]], sliced)
 
 
 def _channel_axis(ir, node: str) -> int:
@@ -315,21 +292,13 @@ def slice_product_block(b: Builder, tensor: Tensor, cuts: list[tuple[int, Tensor
     op = ir.op(node)
     if op not in PRODUCTS or k != 0 or len(ir.graph.nodes[node]["dtypes"]) != 1:
         return None
-    if op == "Conv2DBackpropFilter":  # input channels too, which slice_product leaves alone
-        return _block_filter_gradient(b, node, cuts, sliced)
     if len(cuts) == 1:
         return slice_product(b, tensor, cuts[0][0], cuts[0][1], sliced)
+    if op == "Conv2DBackpropFilter":
+        return _block_filter_gradient(b, node, cuts, sliced)
     if op == "Einsum":
         return _block_einsum(b, node, cuts, sliced)
-    shape = ir.shape(tensor)
-    if op != "MatMul" or shape is None or len(shape) != 2:
-        return None
-    attrs = ir.nodedef(node).attr
-    a, c = ir.inputs(node)[:2]
-    (_, rows), (_, columns) = cuts
-    a = take_lines(b, a, rows, 1 if attrs["transpose_a"].b else 0, "product_rows")
-    c = take_lines(b, c, columns, 0 if attrs["transpose_b"].b else 1, "product_columns")
-    return clone(b, node, [a, c], sliced)
+    return _matmul_lines(b, node, cuts, sliced) if op == "MatMul" else None
 
 
 def _block_einsum(b: Builder, node: str, cuts: list[tuple[int, Tensor]],
@@ -361,13 +330,12 @@ def _block_filter_gradient(b: Builder, node: str, cuts: list[tuple[int, Tensor]]
     and/or output channels (the output gradient's); not for grouped convolutions, whose
     filter input channels are not the image's."""
     ir = b.ir
-    nhwc = (ir.nodedef(node).attr["data_format"].s.decode() or "NHWC") == "NHWC"
     full = ir.shape((node, 0))
     image, _, grad = ir.inputs(node)[:3]
     image_shape = ir.shape(image)
     if full is None or len(sliced) != 4 or any(axis not in (2, 3) for axis, _ in cuts):
         return None
-    channel = 3 if nhwc else 1
+    channel = _channel_axis(ir, node)
     for axis, indices in cuts:
         if axis == 2:
             if image_shape is None or len(image_shape) != 4 or image_shape[channel] != full[2]:
