@@ -46,7 +46,7 @@ from ..program import Program
 from ..rules import VariableFreeze
 from ..variables import VariableInfo
 from .build import Builder
-from .masks import select_frozen, shared_const, slug
+from .masks import select_frozen, slug, trainable_indices
 from .result import PassResult
 from .slice_products import slice_product
 
@@ -118,9 +118,7 @@ def _to_sparse(ir: IR, plan: Plan, node: str, vf: VariableFreeze) -> None:
     at = names.index("grad" if "grad" in names else "delta")
     inputs = ir.inputs(node)
     b = _builder(ir, node, vf.variable)
-    path = vf.variable.path
-    rows = shared_const(b, ("trainable", path), f"graphfreeze/trainable/{slug(path)}",
-                        vf.indices(frozen=False).astype(np.int32), tf.int32)
+    rows = trainable_indices(b, vf)
     sliced = (len(vf.indices(frozen=False)), *vf.variable.shape[1:])
     grad = slice_product(b, _source(ir, inputs[at]), 0, rows, sliced) \
         or b.gather_rows(inputs[at], rows, "grad_rows")

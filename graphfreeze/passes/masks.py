@@ -58,6 +58,16 @@ def shared_const(b: Builder, key: tuple[str, ...], name: str, value: np.ndarray,
     return b.adopt(tensor)
 
 
+def trainable_indices(b: Builder, vf: VariableFreeze) -> Tensor:
+    """`vf`'s trainable lines along its one varying axis, or for any other mask every
+    trainable entry's index tuple: an int32 constant, one per graph and variable (the
+    sliced updates and the sparse form of a fused kernel scatter at it)."""
+    path = vf.variable.path
+    value = vf.indices(frozen=False) if vf.axis is not None else np.argwhere(~vf.frozen)
+    return shared_const(b, ("trainable", path), f"graphfreeze/trainable/{slug(path)}",
+                        value.astype(np.int32), tf.int32)
+
+
 def stored_mask(b: Builder, vf: VariableFreeze) -> Tensor:
     """The constant holding `vf`'s compact mask in `b`'s graph: bool, or uint8 bits packed
     along the last axis (see `shared_const`)."""

@@ -44,7 +44,7 @@ from ..program import Program
 from ..rules import VariableFreeze
 from .build import Builder
 from .guard_writes import guard_scatter
-from .masks import compact_entries, frozen_mask, shared_const, slug
+from .masks import compact_entries, frozen_mask, shared_const, slug, trainable_indices
 from .result import PassResult
 from .slice_products import clone, gather_axis, slice_product
 
@@ -249,9 +249,7 @@ class _Slicer:
 
     def _indices(self, b: Builder) -> Tensor:
         """The trainable lines along the axis (or every trainable entry's tuple)."""
-        path = self.vf.variable.path
-        return shared_const(b, ("trainable", path), f"graphfreeze/trainable/{slug(path)}",
-                            self.index, tf.int32)
+        return trainable_indices(b, self.vf)
 
     def _tuples(self, b: Builder) -> Tensor:
         """ScatterNd/GatherNd index tuples of the slice."""
