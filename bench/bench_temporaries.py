@@ -6,8 +6,9 @@ so TensorFlow's own shape inference gives every output shape) that feed a write 
 one of V's optimizer slots, but feed neither the step's outputs (the loss) nor a write to any
 other variable or slot: its weight-gradient product and its optimizer update, not the
 activation gradients it shares with the layers below. The figure is the sum over the chains
-of the outputs' bytes (each tensor once; constants, allocated once, and resource handles not
-counted), and how many of those tensors have a chained variable's full shape.
+of the outputs' bytes (each tensor once; constants, allocated once, resource handles and
+reads that alias the variable's buffer, after a DisableCopyOnRead, not counted), and how
+many of those tensors have a chained variable's full shape.
 
 Models: trainable tokens (bench_tokens.py: 16 of 32,000 rows of a tied 32,000 x 512 table,
 AdamW) and the seed-000 grow case (bench_partial.py: 8 layers of 1024+64, Adam). Contenders:
@@ -70,6 +71,12 @@ def _bytes(t: tf.Tensor) -> int:
     return int(np.prod(t.shape.as_list(), dtype=np.int64)) * t.dtype.size
 
 
+def _aliases(op) -> bool:
+    """A read after a DisableCopyOnRead shares the variable's buffer: it allocates nothing."""
+    return op.type == "ReadVariableOp" and any(c.type == "DisableCopyOnRead"
+                                               for c in op.control_inputs)
+
+
 def chain_bytes(concrete, groups: dict[str, list], of: list[str],
                 full: set | None = None) -> dict[str, object]:
     """Bytes and ops of the chains of the variables named in `of` (see the module doc);
@@ -112,6 +119,8 @@ def chain_bytes(concrete, groups: dict[str, list], of: list[str],
         chained |= feeds.get(name, set()) - others
     chained = {n for n in chained if ops[n].type not in ("Const", "Placeholder")}
     for n in chained:
+        if _aliases(ops[n]):
+            continue
         for t in ops[n].outputs:
             total += _bytes(t)
             largest = max(largest, _bytes(t))

@@ -143,13 +143,15 @@ def test_low_precision_masks_are_dtype_correct(dtype):
     rw = gf.rewrite(step, [gf.Columns("d1/kernel", [0, 1, 2]), gf.Rows("out/kernel", [7])],
                     *[(x.astype(dtype), y) for x, y in DATA[:1]][0])
     # the updates of both variables and their momenta run on the trainable entries
-    # (slice_updates): scatters of the variables' dtype at int32 indices, so no mask
-    # constant is left, and no inserted constant has a float type other than `dtype`
+    # (slice_updates): scatters or strided-slice assignments of the variables' dtype at
+    # int32 indices, so no mask constant is left, and no inserted constant has a float
+    # type other than `dtype`
     nodes = dict(rw.graph.nodes(data=True))
     sliced = rw.plan.notes.sliced_writes
     assert len(sliced) == 4 and not rw.plan.notes.unsliced
     for n in sliced:
-        attr = "T" if "Nd" in nodes[n]["op"] else "dtype"
+        attr = "dtype" if nodes[n]["op"] in ("ResourceScatterUpdate", "ResourceScatterAdd",
+                                              "ResourceScatterSub") else "T"
         assert tf.as_dtype(rw.ir.nodedef(n).attr[attr].type).name == dtype
     consts = {n: tf.as_dtype(d["dtypes"][0]) for n, d in nodes.items()
               if d.get("inserted") and d["op"] == "Const"}

@@ -22,6 +22,7 @@ from .guard_writes import guard_writes
 from .lower_fused_apply import lower_fused_apply
 from .mask_gradients import mask_gradients
 from .prune_optimizer_state import prune_optimizer_state
+from .read_without_copy import read_without_copy
 from .result import PassResult
 from .scale_writes import scale_writes
 from .slice_updates import slice_updates
@@ -44,6 +45,7 @@ TRAINING_PIPELINE: Sequence[Pass] = (
     slice_updates,            # partly frozen: updates of variable and slots on trainable entries
     fold_frozen_zeros,
     eliminate_dead_code,
+    read_without_copy,        # reads of sparsely written variables alias, not copy
     strip_markers,
 )
 

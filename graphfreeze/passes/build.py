@@ -1,7 +1,8 @@
 """Builders for the few op kinds the passes insert, with their attrs, dtypes and shapes.
 
-Every kind here has CPU, GPU and XLA kernels (`INSERTED_OPS`; tests check that inserted
-nodes stay within it and that rewritten steps compile with XLA). Inserted nodes take the
+Every kind here has CPU, GPU and XLA kernels but one inserted outside XLA only
+(`INSERTED_OPS`; tests check that inserted nodes stay within it and that rewritten steps
+compile with XLA). Inserted nodes take the
 device of the node they are inserted for, so they are colocated with their neighbours.
 """
 
@@ -24,6 +25,9 @@ INSERTED_OPS = frozenset({
     "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
     # a block of consecutive lines read and written back (passes/slice_blocks.py)
     "StridedSlice",
+    # before a full read of a sparsely written variable, outside XLA only: XLA has no kernel
+    # for it and needs none (passes/read_without_copy.py)
+    "DisableCopyOnRead",
 })
 
 

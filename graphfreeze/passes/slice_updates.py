@@ -10,7 +10,7 @@ average) are rewritten so that frozen entries are never read-modify-written:
   the trainable entries are a few rectangles (the L of a grown kernel), each rectangle is
   sliced on its own (slice_blocks.py); otherwise it is the flat vector of trainable
   entries. A read of V or of a slot becomes a gather of the trainable entries
-  (ResourceGather of rows; a read then a gather, as XLA has no ResourceGatherNd), a
+  (a read then a gather, which keeps the read from copying: read_without_copy.py), a
   compact tensor (gf.Scale factors, a per-row constant) is
   gathered the same way, a weight-gradient MatMul computes only the trainable rows or
   columns (slice_products.py), any other full-size tensor is gathered where the
@@ -89,17 +89,28 @@ def slice_updates(program: Program, plan: Plan) -> PassResult:
 def _slicer(program: Program, plan: Plan, vf: VariableFreeze, slots: set[str]) -> _Slicer:
     """One axis, block by block (a mask whose trainable entries are a few rectangles, an L
     of a grown layer: slice_blocks.py), flat, or dense; the choice goes to plan.notes.slicing."""
+    from .slice_blocks import MAX_BLOCKS, Blocks, blocks_of  # subclasses _Slicer: late
     if vf.axis is None:
-        from .slice_blocks import MAX_BLOCKS, Blocks, blocks_of  # subclasses _Slicer: late
         count, blocks = blocks_of(vf)
         if blocks:
             slicer: _Slicer = Blocks(program, plan, vf, slots, blocks)
             plan.notes.slicing[vf.variable.path] = slicer.describe()
             return slicer
+    elif vf.axis > 0 and _consecutive(lines := vf.indices(frozen=False)):
+        # New columns or channels: one block, so the writes are strided-slice assignments,
+        # where the ResourceScatterNd* of a slice along axis > 0 goes entry by entry.
+        slicer = Blocks(program, plan, vf, slots, [((vf.axis, lines),)])
+        plan.notes.slicing[vf.variable.path] = (
+            f"axis {vf.axis}: {len(lines)} of {vf.variable.shape[vf.axis]} lines, consecutive")
+        return slicer
     slicer = _Slicer(program, plan, vf, slots)
     more = f"; {count}+ rectangles, above MAX_BLOCKS={MAX_BLOCKS}" if vf.axis is None and count else ""
     plan.notes.slicing[vf.variable.path] = slicer.describe() + more
     return slicer
+
+
+def _consecutive(lines: np.ndarray) -> bool:
+    return bool(len(lines)) and bool((np.diff(lines) == 1).all())
 
 
 def _mixed_slots(program: Program, slots: set[str]) -> set[str]:
@@ -344,11 +355,11 @@ class _Slicer:
     def _gather_read(self, b: Builder, read: str, resource: Tensor) -> Tensor:
         ir = self.ir
         dtype = ir.dtype((read, 0))
-        if self.rows:
-            out = first = b.resource_gather(resource, self._indices(b), dtype, "read_slice")
-        else:  # XLA has no ResourceGatherNd kernel: read, then gather the entries
-            first = b.read(resource, dtype, self.shape, "read_full")
-            out = self._gather(b, first)
+        # Read, then gather: a ResourceGather would put the variable in copy-on-read mode,
+        # and every full read of it (the forward pass's) would copy it (read_without_copy.py);
+        # XLA has no ResourceGatherNd kernel either.
+        first = b.read(resource, dtype, self.shape, "read_full")
+        out = self._gather(b, first)
         ir.set_shape(out, self.sliced)
         # keep the read's place among the writes to the same resource
         for src in ir.control_inputs(read):
